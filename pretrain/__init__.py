@@ -1,0 +1,1 @@
+"""SimMIM pretraining of Swin Transformer V2 on DeepSpeed."""

@@ -1,0 +1,51 @@
+"""Entry point: ``python -m pretrain --config CONFIG [section.key=value ...]`` (console script swinv2-pretrain).
+
+Works unchanged without a launcher, under torchrun, the deepspeed launcher (``deepspeed --module pretrain``) and srun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ConfigError, load_config, to_yaml
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description="SimMIM pretraining of SwinV2 on DeepSpeed")
+    parser.add_argument("--config", help="YAML recipe from configs/ (defaults apply without one)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=10")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .distributed import LaunchError, resolve_launch_env
+
+    try:
+        launch = resolve_launch_env(local_rank_arg=args.local_rank)
+    except LaunchError as exc:
+        print(f"launch error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+    from .train import run
+
+    try:
+        return run(cfg, launch)
+    except (DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

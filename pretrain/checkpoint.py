@@ -1,0 +1,101 @@
+"""DeepSpeed checkpoints with completion markers, retention and resume selection.
+
+Layout: ``<output_dir>/checkpoints/step-<N>/`` holds what ``engine.save_checkpoint`` writes (every rank its
+shards) and, written last by rank 0 after all ranks finished, the marker ``COMPLETE`` (JSON: step, world size, ZeRO
+stage, time). Only directories with the marker are ever resumed from, consolidated or pruned, so a checkpoint that
+a crash or a preemption cut short is never chosen. The marker is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = [
+    "MARKER",
+    "CheckpointError",
+    "find_latest_complete",
+    "is_complete",
+    "list_complete",
+    "read_marker",
+    "save_checkpoint",
+    "tag_for",
+]
+
+MARKER = "COMPLETE"
+_TAG = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used as asked (incomplete, missing, or saved at an incompatible world size)."""
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step}"
+
+
+def is_complete(tag_dir: str | Path) -> bool:
+    """True when ``tag_dir`` holds the completion marker (the checkpoint was fully written by every rank)."""
+    return (Path(tag_dir) / MARKER).is_file()
+
+
+def read_marker(tag_dir: str | Path) -> dict[str, Any]:
+    """The marker's metadata; CheckpointError if the checkpoint is incomplete."""
+    tag_dir = Path(tag_dir)
+    if not is_complete(tag_dir):
+        raise CheckpointError(
+            f"{tag_dir} has no {MARKER} marker: the checkpoint was not completely written (crash or preemption "
+            f"while saving); use an earlier complete one"
+        )
+    return json.loads((tag_dir / MARKER).read_text())
+
+
+def list_complete(ckpt_dir: str | Path) -> list[Path]:
+    """Complete ``step-<N>`` directories under ``ckpt_dir``, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for child in ckpt_dir.iterdir():
+        match = _TAG.match(child.name)
+        if match and child.is_dir() and is_complete(child):
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def find_latest_complete(ckpt_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (highest step) in ``ckpt_dir``, or None."""
+    complete = list_complete(ckpt_dir)
+    return complete[-1] if complete else None
+
+
+def save_checkpoint(
+    engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int
+) -> Path:
+    """Collective: every rank saves its part; rank 0 then writes the marker and prunes to the newest ``keep_last``."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    dist.barrier()
+    tag_dir = ckpt_dir / tag
+    if dist.get_rank() == 0:
+        meta = {
+            "step": step,
+            "world_size": dist.get_world_size(),
+            "zero_stage": engine.zero_optimization_stage(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        tmp = tag_dir / (MARKER + ".partial")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, tag_dir / MARKER)
+        for old in list_complete(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return tag_dir

@@ -1,0 +1,381 @@
+"""Pretraining data: webdataset tar shards (main source) and image folders, SimMIM transforms and masks.
+
+Determinism (what a batch depends on):
+- folder (map-style): the epoch order is a permutation drawn from (seed, epoch); each global batch of
+  ``batch_size * world_size`` indices is split into contiguous per-rank slices, and every sample's crop, flip and mask
+  come from a generator seeded with (seed, epoch, sample index). A batch is therefore the same whatever the number
+  of ranks or workers, and ``start_step`` resumes mid-epoch exactly.
+- webdataset (iterable): every (seed, epoch, rank, worker, start_step) seeds its own generator, which picks shards
+  (with replacement when ``resampled``), shuffles samples in a buffer and draws augmentations and masks. Exact
+  mid-epoch resume is not possible with streams; a resumed run reseeds deterministically (start_step enters the
+  seed), which makes the restart statistically equivalent to an uninterrupted run.
+Every rank yields exactly ``steps_per_epoch(cfg, world_size)`` batches per epoch, so collectives never hang at the
+end of an epoch. A corrupt or non-image sample is skipped with a warning and counted; batches carry the count in
+``batch["skipped"]`` so it reaches the metrics.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from .masking import MaskGenerator
+
+if TYPE_CHECKING:
+    from .config import PretrainConfig
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "SimMIMTransform",
+    "build_pretrain_loader",
+    "expand_shards",
+    "list_images",
+    "read_size_index",
+    "steps_per_epoch",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+SIZE_INDEX = "sizes.json"
+
+
+class DataError(ValueError):
+    """The data configuration cannot work (no shards, too few shards, empty folder...): raised before training."""
+
+
+# --------------------------------------------------------------------------------------------------- transforms
+class SimMIMTransform:
+    """RandomResizedCrop -> horizontal flip -> tensor -> normalise, plus a SimMIM mask; all randomness from ``rng``.
+
+    torchvision's transforms draw from the global torch generator, which makes samples depend on worker scheduling;
+    the crop parameters are drawn here with the same algorithm from an explicit numpy generator instead.
+    """
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.size = cfg.model.img_size
+        self.scale = tuple(cfg.data.crop_scale)
+        self.ratio = tuple(cfg.data.crop_ratio)
+        self.hflip = cfg.data.hflip
+        self.mean = list(cfg.data.mean)
+        self.std = list(cfg.data.std)
+        self.mask_generator = MaskGenerator(
+            cfg.model.img_size, cfg.simmim.mask_patch_size, cfg.model.patch_size, cfg.simmim.mask_ratio
+        )
+
+    def crop_params(self, rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of a random crop covering ``scale`` of the area with aspect in ``ratio``."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * rng.uniform(self.scale[0], self.scale[1])
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = round(math.sqrt(target_area * aspect))
+            h = round(math.sqrt(target_area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+        # Fallback (as torchvision): the largest centred crop with the aspect ratio clamped into range.
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            h, w = height, round(height * self.ratio[1])
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        image = image.convert("RGB")
+        top, left, h, w = self.crop_params(rng, *image.size)
+        image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+        if rng.random() < self.hflip:
+            image = TF.hflip(image)
+        tensor = TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return tensor, torch.from_numpy(self.mask_generator(rng))
+
+
+def _collate(samples: list[tuple[torch.Tensor, torch.Tensor]], skipped: int) -> dict[str, torch.Tensor]:
+    return {
+        "images": torch.stack([s[0] for s in samples]),
+        "mask": torch.stack([s[1] for s in samples]),
+        "skipped": torch.tensor(skipped, dtype=torch.int64),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ image folder
+def list_images(root: str | Path) -> list[Path]:
+    """Every image file under ``root`` (recursive, any class layout), sorted for a stable order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.path={str(root)!r} is not a directory (data.source=folder needs a folder of images)")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(f"data.path={str(root)!r} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+    return files
+
+
+class _FolderDataset(Dataset):
+    """Map-style dataset whose item i is the (image, mask) of file i, augmented with a per-(seed, epoch, i) generator."""
+
+    def __init__(self, files: list[Path], transform: SimMIMTransform, seed: int, epoch: int) -> None:
+        self.files = files
+        self.transform = transform
+        self.seed = seed
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        try:
+            with Image.open(self.files[index]) as image:
+                image.load()
+                rng = np.random.default_rng([self.seed, self.epoch, index])
+                return self.transform(image, rng)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a skipped sample, never fatal
+            warnings.warn(f"skipping unreadable image {self.files[index]}: {exc}", stacklevel=1)
+            return None
+
+
+def _collate_skipping(samples: list[tuple[torch.Tensor, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+    good = [s for s in samples if s is not None]
+    if not good:
+        raise DataError("every image of a batch was unreadable; check the data folder")
+    return _collate(good, len(samples) - len(good))
+
+
+class _RankBatches(torch.utils.data.Sampler):
+    """This rank's slice of each global batch of the (seed, epoch) permutation, from ``start_step`` on."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, epoch: int, start_step: int) -> None:
+        self.order = np.random.default_rng([seed, epoch]).permutation(n)
+        self.batch, self.rank, self.world = batch, rank, world
+        self.steps = n // (batch * world)
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        global_batch = self.batch * self.world
+        for step in range(self.start_step, self.steps):
+            begin = step * global_batch + self.rank * self.batch
+            yield self.order[begin : begin + self.batch].tolist()
+
+
+# ------------------------------------------------------------------------------------------------- webdataset
+def expand_shards(pattern: str) -> list[str]:
+    """Shard paths from a brace pattern (``train-{000000..000127}.tar``), glob, or comma-separated list."""
+    urls: list[str] = []
+    for part in pattern.split(","):
+        for item in braceexpand(part.strip()):
+            hits = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+            urls.extend(hits)
+    return urls
+
+
+def read_size_index(urls: list[str]) -> int | None:
+    """Total sample count of ``urls`` from the ``sizes.json`` beside them, or None if some shard is not listed."""
+    total = 0
+    cache: dict[Path, dict[str, int]] = {}
+    for url in urls:
+        path = Path(url)
+        index_file = path.parent / SIZE_INDEX
+        if index_file not in cache:
+            if not index_file.is_file():
+                return None
+            cache[index_file] = json.loads(index_file.read_text())
+        count = cache[index_file].get(path.name)
+        if count is None:
+            return None
+        total += int(count)
+    return total
+
+
+def _check_shards(cfg: PretrainConfig, world_size: int) -> list[str]:
+    d = cfg.data
+    if not d.path:
+        raise DataError("data.path is empty; set it to a shard pattern like data/shards/shard-{000000..000009}.tar")
+    urls = expand_shards(d.path)
+    missing = [u for u in urls if not Path(u).is_file()]
+    if not urls or len(missing) == len(urls):
+        raise DataError(f"data.path={d.path!r} matches no shard files")
+    if missing:
+        raise DataError(f"data.path={d.path!r}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}")
+    readers = world_size * max(1, d.num_workers)
+    if not d.resampled and len(urls) < readers:
+        raise DataError(
+            f"{len(urls)} shards for {world_size} ranks x {max(1, d.num_workers)} workers = {readers} readers with "
+            f"data.resampled=false: some readers would get no shard. Use data.resampled=true, fewer workers, or "
+            f"at least {readers} shards"
+        )
+    return urls
+
+
+class _ShardStream(IterableDataset):
+    """Per worker: shards (resampled or this reader's slice, cycled) -> samples -> decode -> transform -> batches."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        transform: SimMIMTransform,
+        cfg: PretrainConfig,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        start_step: int,
+        batches: int,
+    ) -> None:
+        self.urls = urls
+        self.transform = transform
+        self.batch_size = cfg.data.batch_size
+        self.resampled = cfg.data.resampled
+        self.shuffle_buffer = cfg.data.shuffle_buffer
+        self.seed = cfg.training.seed
+        self.rank, self.world_size, self.epoch, self.start_step = rank, world_size, epoch, start_step
+        self.batches = batches
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def _shards(self, rng: np.random.Generator, worker: int, workers: int) -> Iterator[str]:
+        if self.resampled:
+            while True:
+                yield self.urls[int(rng.integers(len(self.urls)))]
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        mine = self.urls[reader::readers]
+        while True:  # cycle this reader's shards so every reader yields its full share of batches
+            for i in rng.permutation(len(mine)):
+                yield mine[i]
+
+    def _samples(self, rng: np.random.Generator, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        def warn(exc: Exception) -> bool:
+            warnings.warn(f"skipping unreadable shard data: {exc}", stacklevel=1)
+            return True
+
+        for url in self._shards(rng, worker, workers):
+            yield from wds.tarfile_samples([{"url": url}], handler=warn)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, workers = self._worker()
+        # This worker's share of the rank's batches (workers are read round-robin by the DataLoader).
+        share = self.batches // workers + (1 if worker < self.batches % workers else 0)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, self.start_step])
+        buffer: list[dict[str, Any]] = []
+        batch: list[tuple[torch.Tensor, torch.Tensor]] = []
+        skipped = produced = 0
+        samples = self._samples(rng, worker, workers)
+        while produced < share:
+            # Fill the shuffle buffer, then emit a random element of it.
+            while len(buffer) < max(1, self.shuffle_buffer):
+                sample = next(samples, None)
+                if sample is None:
+                    break
+                buffer.append(sample)
+            if not buffer:
+                raise DataError("the shard stream ran dry; check that the shards hold images")
+            pick = int(rng.integers(len(buffer)))
+            buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+            sample = buffer.pop()
+            decoded = self._decode(sample, rng)
+            if decoded is None:
+                skipped += 1
+                continue
+            batch.append(decoded)
+            if len(batch) == self.batch_size:
+                yield _collate(batch, skipped)
+                batch, skipped = [], 0
+                produced += 1
+
+    def _decode(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        key = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
+        if key is None:
+            warnings.warn(f"skipping sample {sample.get('__key__')!r}: no image entry (jpg, png, webp)", stacklevel=1)
+            return None
+        try:
+            with Image.open(io.BytesIO(sample[key])) as image:
+                image.load()
+                return self.transform(image, rng)
+        except Exception as exc:  # noqa: BLE001 - corrupt samples are skipped and counted, never fatal
+            warnings.warn(f"skipping corrupt image {sample.get('__key__')!r} in {sample.get('__url__')}: {exc}", stacklevel=1)
+            return None
+
+
+# ------------------------------------------------------------------------------------------------------ public
+def _dataset_size(cfg: PretrainConfig, world_size: int) -> int:
+    d = cfg.data
+    if d.source == "folder":
+        return d.samples_per_epoch or len(list_images(d.path))
+    urls = _check_shards(cfg, world_size)
+    if d.samples_per_epoch:
+        return d.samples_per_epoch
+    total = read_size_index(urls)
+    if total is None:
+        raise DataError(
+            f"no size index ({SIZE_INDEX}) lists every shard of data.path={d.path!r}; write shards with "
+            f"`python -m pretrain.shards` or set data.samples_per_epoch"
+        )
+    return total
+
+
+def steps_per_epoch(cfg: PretrainConfig, world_size: int) -> int:
+    """Batches every rank yields per epoch: samples // (batch_size * world_size) (DataError if that is 0)."""
+    size = _dataset_size(cfg, world_size)
+    global_batch = cfg.data.batch_size * world_size
+    steps = size // global_batch
+    if steps == 0:
+        raise DataError(
+            f"{size} samples per epoch is fewer than one global batch ({cfg.data.batch_size} x {world_size} ranks "
+            f"= {global_batch}); lower data.batch_size or add data"
+        )
+    return steps
+
+
+def build_pretrain_loader(
+    cfg: PretrainConfig, *, rank: int, world_size: int, epoch: int = 0, start_step: int = 0
+) -> DataLoader:
+    """This rank's DataLoader for one epoch, yielding {"images", "mask", "skipped"} batches.
+
+    Args:
+        cfg: the resolved configuration (data, model and simmim sections are used).
+        rank: this process's rank; world_size: the number of ranks.
+        epoch: the epoch (enters every seed).
+        start_step: batches of this epoch already consumed (resume); the loader yields the remaining ones.
+
+    Raises:
+        DataError: before any worker starts, when the data cannot work (see module docstring).
+    """
+    d = cfg.data
+    transform = SimMIMTransform(cfg)
+    total_steps = steps_per_epoch(cfg, world_size)
+    if not 0 <= start_step <= total_steps:
+        raise DataError(f"start_step={start_step} outside the epoch's {total_steps} steps")
+    common = {"num_workers": d.num_workers, "pin_memory": d.pin_memory and torch.cuda.is_available()}
+    if d.num_workers > 0:
+        common["persistent_workers"] = False
+    if d.source == "folder":
+        files = list_images(d.path)
+        dataset = _FolderDataset(files, transform, cfg.training.seed, epoch)
+        sampler = _RankBatches(len(files), d.batch_size, rank, world_size, cfg.training.seed, epoch, start_step)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_skipping, **common)
+    urls = _check_shards(cfg, world_size)
+    stream = _ShardStream(urls, transform, cfg, rank, world_size, epoch, start_step, total_steps - start_step)
+    return DataLoader(stream, batch_size=None, **common)

@@ -1,0 +1,138 @@
+"""Pack a folder of images into webdataset tar shards with a size index.
+
+    python -m pretrain.shards SRC_DIR OUT_DIR [--maxcount 1000] [--force]
+
+Every image under SRC_DIR (recursive) is checked by decoding it; JPEG, PNG and WebP files are stored byte for byte,
+other formats (BMP, TIFF, GIF...) are converted to PNG. A file that cannot be decoded is reported and left out, never
+fatal. Each sample holds the image, ``cls`` (index of its top-level subfolder in sorted order, when images sit in
+class subfolders) and ``json`` (its relative path). Shards are written under a temporary name and renamed when
+complete; ``sizes.json`` (shard file name -> sample count) is written last. An OUT_DIR that already holds files is
+refused unless ``--force`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from .data import IMAGE_EXTENSIONS, SIZE_INDEX, list_images
+
+__all__ = ["ShardReport", "main", "write_shards"]
+
+_STORED_AS_IS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+
+
+class ShardReport(dict):
+    """Result of :func:`write_shards`: {"shards": {name: count}, "written": n, "unreadable": [paths]}."""
+
+
+def _encode(path: Path) -> tuple[str, bytes]:
+    """(extension key, bytes) of a decodable image; raises on anything PIL cannot fully decode."""
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        key = _STORED_AS_IS.get(path.suffix.lower())
+        if key is not None and (image.format or "").lower() in ("jpeg", "png", "webp"):
+            return key, data
+        buffer = io.BytesIO()
+        image.convert("RGBA" if "A" in image.getbands() else "RGB").save(buffer, format="PNG")
+        return "png", buffer.getvalue()
+
+
+def write_shards(
+    src_dir: str | Path, out_dir: str | Path, maxcount: int = 1000, force: bool = False, progress: bool = True
+) -> ShardReport:
+    """Write ``out_dir/shard-000000.tar ...`` and ``out_dir/sizes.json`` from the images under ``src_dir``.
+
+    Args:
+        src_dir: folder searched recursively for images.
+        out_dir: destination folder (created); must be empty unless ``force``.
+        maxcount: samples per shard.
+        force: allow writing into a non-empty ``out_dir`` (its old shards and index are replaced).
+        progress: show a progress bar.
+    """
+    if maxcount < 1:
+        raise ValueError(f"maxcount={maxcount}; accepted: a positive number of samples per shard")
+    src, out = Path(src_dir), Path(out_dir)
+    files = list_images(src)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"output folder {str(out)!r} is not empty; pass --force to replace its shards")
+    out.mkdir(parents=True, exist_ok=True)
+    if force:
+        for old in [*out.glob("shard-*.tar"), out / SIZE_INDEX]:
+            old.unlink(missing_ok=True)
+    classes = sorted({p.relative_to(src).parts[0] for p in files if len(p.relative_to(src).parts) > 1})
+    class_index = {name: i for i, name in enumerate(classes)}
+    report = ShardReport(shards={}, written=0, unreadable=[])
+    writer: wds.TarWriter | None = None
+    stream = None
+    shard_name = ""
+
+    def close_shard() -> None:
+        nonlocal writer, stream
+        if writer is None:
+            return
+        writer.close()
+        stream.close()
+        os.replace(out / (shard_name + ".partial"), out / shard_name)
+        writer = stream = None
+
+    for path in tqdm(files, desc="packing", unit="img", disable=not progress):
+        try:
+            key, data = _encode(path)
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is reported, never fatal
+            report["unreadable"].append(str(path))
+            tqdm.write(f"unreadable, skipped: {path} ({exc})", file=sys.stderr)
+            continue
+        if writer is None or report["shards"][shard_name] >= maxcount:
+            close_shard()
+            shard_name = f"shard-{len(report['shards']):06d}.tar"
+            stream = open(out / (shard_name + ".partial"), "wb")  # noqa: SIM115 - closed in close_shard
+            writer = wds.TarWriter(stream)
+            report["shards"][shard_name] = 0
+        relative = path.relative_to(src)
+        sample = {"__key__": f"{report['written']:09d}", key: data, "json": {"path": str(relative)}}
+        if len(relative.parts) > 1:
+            sample["cls"] = class_index[relative.parts[0]]
+        writer.write(sample)
+        report["shards"][shard_name] += 1
+        report["written"] += 1
+    close_shard()
+    index_tmp = out / (SIZE_INDEX + ".partial")
+    index_tmp.write_text(json.dumps(report["shards"], indent=1, sort_keys=True))
+    os.replace(index_tmp, out / SIZE_INDEX)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.shards", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src_dir", help=f"folder of images, searched recursively ({', '.join(IMAGE_EXTENSIONS)})")
+    parser.add_argument("out_dir", help="where shard-NNNNNN.tar and sizes.json are written")
+    parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        report = write_shards(args.src_dir, args.out_dir, args.maxcount, args.force, progress=not args.no_progress)
+    except (ValueError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n_shards = len(report["shards"])
+    print(f"wrote {report['written']} images to {n_shards} shards in {args.out_dir} ({SIZE_INDEX} written)")
+    if report["unreadable"]:
+        print(f"{len(report['unreadable'])} unreadable files skipped:", file=sys.stderr)
+        for path in report["unreadable"]:
+            print(f"  {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""SimMIM: a SwinV2 encoder with a mask token, a one-layer pixel decoder and an L1 loss on masked pixels (spec §3).
+
+State-dict keys equal the official SimMIM ones (``encoder.*``, ``encoder.mask_token``, ``decoder.0.*``), so
+official SimMIM checkpoints and ours convert with the same code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swinv2 import MODEL_SIZES, SwinTransformerV2, param_groups
+
+if TYPE_CHECKING:
+    from .config import PretrainConfig
+
+__all__ = ["SimMIM", "SwinTransformerV2ForSimMIM", "build_simmim", "normalized_target", "simmim_param_groups"]
+
+
+class SwinTransformerV2ForSimMIM(SwinTransformerV2):
+    """SwinV2 backbone whose masked patch tokens are replaced by a learnable mask token after the patch-embed norm.
+
+    Takes the ``SwinTransformerV2`` arguments (``num_classes`` is forced to 0: no head).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["num_classes"] = 0
+        super().__init__(**kwargs)
+        # Initialised here, in the __init__ that owns it, so DeepSpeed zero.Init partitions an initialised tensor.
+        self.mask_token = nn.Parameter(torch.empty(1, 1, self.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-2.0, b=2.0)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-2.0, b=2.0)
+
+    @property
+    def encoder_stride(self) -> int:
+        """Pixels per final-stage token (32 for 4-pixel patches and four stages)."""
+        return self.patch_size * 2 ** (self.num_layers - 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Images (B, C, H, W) and token mask (B, H/patch, W/patch), 1 = masked -> feature map (B, C_last, h, w)."""
+        tokens = self.embed(x)
+        b, length, _ = tokens.shape
+        if mask.shape[0] != b or mask[0].numel() != length:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not match {length} patch tokens per image "
+                f"(expected (B, {self.patch_embed.patches_resolution[0]}, {self.patch_embed.patches_resolution[1]}))"
+            )
+        w = mask.flatten(1).unsqueeze(-1).to(tokens.dtype)
+        tokens = tokens * (1.0 - w) + self.mask_token.to(tokens.dtype) * w
+        z = self.forward_tokens(tokens)
+        h = self.img_size[0] // self.encoder_stride
+        return z.transpose(1, 2).reshape(b, -1, h, self.img_size[1] // self.encoder_stride)
+
+
+def normalized_target(x: torch.Tensor, patch_size: int = 47) -> torch.Tensor:
+    """Per-channel local standardisation of the image over a ``patch_size`` window (the official NORM_TARGET).
+
+    mean and variance come from avg pools that ignore padding; the variance is unbiased (n / (n - 1)).
+    """
+    if patch_size % 2 == 0:
+        raise ValueError(f"norm target patch size {patch_size} must be odd (the window is centred on each pixel)")
+    pad = patch_size // 2
+    mean = F.avg_pool2d(x, patch_size, stride=1, padding=pad, count_include_pad=False)
+    mean_sq = F.avg_pool2d(x * x, patch_size, stride=1, padding=pad, count_include_pad=False)
+    ones = torch.ones_like(x[:, :1])
+    count = F.avg_pool2d(ones, patch_size, stride=1, padding=pad, count_include_pad=True) * patch_size**2
+    var = ((mean_sq - mean * mean) * count / (count - 1)).clamp(min=0.0)
+    return (x - mean) / (var + 1e-6).sqrt()
+
+
+class SimMIM(nn.Module):
+    """Encoder + decoder (1x1 conv to stride^2 * 3 channels, PixelShuffle(stride)) + masked L1 loss.
+
+    Args:
+        encoder: the masked SwinV2 encoder.
+        norm_target: regress the locally standardised image instead of the image (official SwinV2 recipe).
+        norm_target_patch_size: window of the local standardisation.
+    """
+
+    def __init__(
+        self, encoder: SwinTransformerV2ForSimMIM, norm_target: bool = True, norm_target_patch_size: int = 47
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        stride = encoder.encoder_stride
+        self.in_chans = encoder.patch_embed.proj.in_channels
+        self.decoder = nn.Sequential(
+            nn.Conv2d(encoder.num_features, stride**2 * self.in_chans, kernel_size=1),
+            nn.PixelShuffle(stride),
+        )
+        self.norm_target = norm_target
+        self.norm_target_patch_size = norm_target_patch_size
+
+    def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and the reconstruction (B, C, H, W) (in target space: standardised when norm_target is on)."""
+        reconstruction = self.decoder(self.encoder(images, mask))
+        patch = self.encoder.patch_size
+        pixel_mask = mask.repeat_interleave(patch, 1).repeat_interleave(patch, 2).unsqueeze(1)
+        # The loss is computed in float32 whatever the module dtype (DeepSpeed bf16/fp16 cast the whole module).
+        images = images.float()
+        target = normalized_target(images, self.norm_target_patch_size) if self.norm_target else images
+        pixel_mask = pixel_mask.to(torch.float32)
+        error = F.l1_loss(reconstruction.float(), target, reduction="none")
+        loss = (error * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / self.in_chans
+        return loss, reconstruction
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked-pixel L1 loss (scalar)."""
+        return self.reconstruct(images, mask)[0]
+
+    def no_weight_decay(self) -> set[str]:
+        return {"encoder." + n for n in self.encoder.no_weight_decay()} | {"encoder.mask_token"}
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        # Unprefixed on purpose: the official wrapper prefixes them with "encoder.", so they never match (spec §3.6).
+        return set(self.encoder.no_weight_decay_keywords())
+
+
+def build_simmim(cfg: PretrainConfig) -> SimMIM:
+    """The SimMIM model described by ``cfg.model`` and ``cfg.simmim`` (on the current default device / zero.Init)."""
+    m = cfg.model
+    size = dict(MODEL_SIZES[m.size])
+    for key in ("embed_dim", "depths", "num_heads", "extra_norm_every"):
+        value = getattr(m, key)
+        if value is not None:
+            size[key] = value
+    encoder = SwinTransformerV2ForSimMIM(
+        img_size=m.img_size,
+        patch_size=m.patch_size,
+        in_chans=m.in_chans,
+        window_size=m.window_size,
+        mlp_ratio=m.mlp_ratio,
+        qkv_bias=m.qkv_bias,
+        drop_rate=m.drop_rate,
+        attn_drop_rate=m.attn_drop_rate,
+        drop_path_rate=m.drop_path_rate,
+        ape=m.ape,
+        patch_norm=m.patch_norm,
+        pretrained_window_sizes=list(m.pretrained_window_sizes),
+        attn_impl=m.attn_impl,
+        window_chunk_size=m.window_chunk_size,
+        **size,
+    )
+    return SimMIM(encoder, norm_target=cfg.simmim.norm_target, norm_target_patch_size=cfg.simmim.norm_target_patch_size)
+
+
+def simmim_param_groups(model: SimMIM, cfg: PretrainConfig) -> list[dict]:
+    """AdamW parameter groups for SimMIM pretraining.
+
+    Never decayed: biases, 1-D parameters (norms, q/v biases), the mask token, the absolute position embedding.
+    The continuous position-bias MLP weights and the logit scales are excluded from decay too (what the backbone's
+    ``no_weight_decay_keywords`` intend), unless ``cfg.simmim.decay_position_bias`` is set: then they are decayed, as
+    the official SimMIM code does through its name-prefix bug (spec §3.6), for identical training dynamics.
+    """
+    keywords = () if cfg.simmim.decay_position_bias else tuple(sorted(model.no_weight_decay_keywords()))
+    return param_groups(
+        model,
+        weight_decay=cfg.optimizer.weight_decay,
+        layer_decay=cfg.optimizer.layer_decay,
+        no_decay_names=tuple(sorted(model.no_weight_decay())),
+        no_decay_keywords=keywords,
+    )

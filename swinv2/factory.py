@@ -1,0 +1,72 @@
+"""Named SwinV2 sizes, the model factory and the activation-checkpointing spec parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .swin_transformer_v2 import SwinTransformerV2
+
+__all__ = ["MODEL_SIZES", "create_model", "parse_checkpointing"]
+
+# Spec §1.8. T/S/B/L are the official configs; H and G are the paper's (C=352 and C=512) with head dim 32, and the
+# paper's extra main-branch LayerNorm every 6 blocks switched on by default (extra_norm_every; 0 = official layout).
+MODEL_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), "extra_norm_every": 0},
+    "small": {"embed_dim": 96, "depths": (2, 2, 18, 2), "num_heads": (3, 6, 12, 24), "extra_norm_every": 0},
+    "base": {"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32), "extra_norm_every": 0},
+    "large": {"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48), "extra_norm_every": 0},
+    "huge": {"embed_dim": 352, "depths": (2, 2, 18, 2), "num_heads": (11, 22, 44, 88), "extra_norm_every": 6},
+    "giant": {"embed_dim": 512, "depths": (2, 2, 42, 4), "num_heads": (16, 32, 64, 128), "extra_norm_every": 6},
+}
+
+
+def create_model(size: str, **kwargs: Any) -> SwinTransformerV2:
+    """Build a named size; keyword arguments override the size's values or set any other constructor argument.
+
+    Args:
+        size: one of ``MODEL_SIZES`` (tiny, small, base, large, huge, giant).
+        **kwargs: ``SwinTransformerV2`` arguments (img_size, window_size, num_classes, drop_path_rate, ...). A value
+            of None is ignored, so config fields left at None take the size's default.
+
+    Returns:
+        The model (on the current default device: build under ``torch.device("meta")`` or ``deepspeed.zero.Init``
+        to avoid materialising large sizes).
+    """
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; accepted: {', '.join(MODEL_SIZES)}")
+    args = dict(MODEL_SIZES[size])
+    args.update({k: v for k, v in kwargs.items() if v is not None})
+    return SwinTransformerV2(**args)
+
+
+def parse_checkpointing(spec: str) -> dict[str, Any]:
+    """Turn an activation-checkpointing spec into ``SwinTransformerV2.set_grad_checkpointing`` keyword arguments.
+
+    Args:
+        spec: "none", "all", "every:K" (every K-th block over the whole network, K >= 1) or "stages:I,J" (all blocks
+            of the listed stages).
+
+    Returns:
+        e.g. {"enable": True, "every": 2} for "every:2".
+    """
+    accepted = 'accepted: "none", "all", "every:K" (K >= 1), "stages:I,J" (stage indices)'
+    text = str(spec).strip().lower()
+    if text in ("none", "off", ""):
+        return {"enable": False}
+    if text == "all":
+        return {"enable": True}
+    kind, _, value = text.partition(":")
+    try:
+        if kind == "every":
+            every = int(value)
+            if every < 1:
+                raise ValueError
+            return {"enable": True, "every": every}
+        if kind == "stages":
+            stages = [int(v) for v in value.split(",") if v.strip()]
+            if not stages or any(s < 0 for s in stages):
+                raise ValueError
+            return {"enable": True, "stages": stages}
+    except ValueError:
+        pass
+    raise ValueError(f"activation checkpointing spec {spec!r} not understood; {accepted}")

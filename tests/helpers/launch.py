@@ -1,0 +1,98 @@
+"""Run ``python -m pretrain`` (or any module) as N local ranks with the torch launch variables set, for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra,
+    )
+    return env
+
+
+def start_ranks(args: list[str], world: int, log_dir: Path) -> list[subprocess.Popen]:
+    """Start ``python -m pretrain ARGS`` as ``world`` ranks; output of rank r goes to log_dir/rank{r}.log."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(world):
+        out = open(log_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - owned by the process
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pretrain", *args], cwd=REPO, env=rank_env(rank, world, port),
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        )
+    return procs
+
+
+def run_ranks(args: list[str], world: int, log_dir: Path, timeout: float = 600) -> list[int]:
+    procs = start_ranks(args, world, log_dir)
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    return codes
+
+
+def log_text(log_dir: Path, rank: int = 0) -> str:
+    return (log_dir / f"rank{rank}.log").read_text()
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> logged loss, from the run's metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def make_image_folder(root: Path, count: int, size: int = 48, seed: int = 0) -> Path:
+    """``count`` random RGB JPEG/PNG images in two class subfolders."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = root / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (size + i % 7, size + i % 5, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:04d}.{'png' if i % 3 else 'jpg'}")
+    return root
+
+
+def tiny_overrides(run_dir: Path, data: Path, **extra: object) -> list[str]:
+    """A very small SimMIM config (img 32, 4 stages, 1 block each) on an image folder, fp32 on CPU."""
+    values: dict[str, object] = {
+        "model.size": "tiny", "model.embed_dim": 16, "model.depths": "[1,1,1,1]", "model.num_heads": "[1,1,2,2]",
+        "model.img_size": 32, "model.window_size": 4, "model.drop_path_rate": 0.0,
+        "simmim.mask_patch_size": 8, "simmim.norm_target_patch_size": 7,
+        "data.source": "folder", "data.path": str(data), "data.batch_size": 4, "data.num_workers": 0,
+        "optimizer.base_lr": 2e-4, "optimizer.lr_reference_batch": 0, "schedule.name": "cosine",
+        "schedule.epochs": 5, "schedule.warmup_epochs": 1,
+        "training.output_dir": str(run_dir), "training.precision": "fp32", "training.device": "cpu",
+        "distributed.zero_stage": 0, "distributed.timeout_minutes": 2,
+        "checkpoint.every_steps": 1000, "logging.log_every": 1, "logging.image_every": 0,
+        "logging.progress_bar": False, "logging.tensorboard": False,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

@@ -1,0 +1,331 @@
+"""consolidate / universal on real DeepSpeed checkpoints written by 2 gloo processes (ZeRO-2 and ZeRO-3).
+
+Run as a script, this file is the worker: ``python tests/test_convert_deepspeed.py train|resume ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain import convert
+from pretrain.formats import load_weights_file
+
+pytestmark = pytest.mark.slow
+
+MODEL = {
+    "img_size": 64,
+    "window_size": 4,
+    "embed_dim": 32,
+    "depths": [2, 2, 2, 2],
+    "num_heads": [1, 2, 4, 8],
+    "pretrained_window_sizes": [0, 0, 0, 0],
+    "drop_path_rate": 0.0,
+}
+STEPS = 2
+
+
+# ------------------------------------------------------------------------------------------------- the worker
+def _config():
+    from pretrain.config import load_config
+
+    overrides = [f"model.{k}={v}".replace(" ", "") for k, v in MODEL.items()]
+    return load_config(None, ["model.size=tiny", *overrides])
+
+
+def _build_model() -> torch.nn.Module:
+    """The SimMIM training model (official SimMIM keys: encoder.*, encoder.mask_token, decoder.0.*)."""
+    from pretrain.simmim import build_simmim
+
+    return build_simmim(_config())
+
+
+def _batch(seed: int, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, MODEL["img_size"], MODEL["img_size"], generator=gen)
+    side = MODEL["img_size"] // 4
+    mask = (torch.rand(batch, side, side, generator=gen) < 0.6).float()
+    return images, mask
+
+
+def _engine(stage: int, universal: bool = False):
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = _build_model()
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": universal},
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def _train_steps(engine, first: int, count: int) -> None:
+    rank = int(os.environ["RANK"])
+    for step in range(first, first + count):
+        images, mask = _batch(1000 * step + rank)
+        loss = engine(images, mask)
+        engine.backward(loss)
+        engine.step()
+
+
+def _eval_output(engine) -> torch.Tensor:
+    engine.eval()
+    images, mask = _batch(12345)
+    with torch.no_grad():
+        # Through the engine: under ZeRO-3 it is what gathers the partitioned weights (calling engine.module
+        # directly skips DeepSpeed's discovery of weights used outside their module's forward, like attn.qkv).
+        return engine(images, mask)
+
+
+def _gathered(engine) -> dict[str, torch.Tensor]:
+    """The full parameters (gathered from the ZeRO-3 partitions; a no-op below stage 3), for exact comparisons."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        return {k: v.detach().clone() for k, v in engine.module.named_parameters()}
+
+
+def worker(argv: list[str]) -> None:
+    import deepspeed
+
+    mode, stage, out = argv[0], int(argv[1]), Path(argv[2])
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if mode == "train":
+        engine = _engine(stage)
+        _train_steps(engine, 0, STEPS)
+        # The trainer's own save: <run>/checkpoints/step-<N>/, COMPLETE written last by rank 0 after a barrier.
+        from pretrain.checkpoint import save_checkpoint
+        from pretrain.config import to_dict
+
+        client = {"step": STEPS, "config": to_dict(_config()), "world_size": world, "zero_stage": stage}
+        save_checkpoint(engine, out / "checkpoints", STEPS, client, keep_last=3)
+        # Collective calls under ZeRO-3: every rank takes part, rank 0 keeps the result.
+        reference = {"output": _eval_output(engine), "weights": _gathered(engine)}
+        if rank == 0:
+            torch.save(reference, out / "reference.pt")
+        # A later save that never completes (no marker): consolidate must refuse it.
+        engine.train()
+        _train_steps(engine, STEPS, 1)
+        engine.save_checkpoint(str(out / "checkpoints"), tag=f"step-{STEPS + 1}", client_state=client)
+    elif mode == "resume":
+        engine = _engine(stage, universal=True)
+        load_dir, client = engine.load_checkpoint(str(out.parent), tag=out.name)
+        if load_dir is None:
+            raise RuntimeError(f"DeepSpeed did not load {out}")
+        result = {"output": _eval_output(engine), "weights": _gathered(engine), "step": client["step"]}
+        engine.train()
+        _train_steps(engine, client["step"], 1)
+        if rank == 0:
+            torch.save(result, out.parent / "resumed.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ the tests
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(mode: str, stage: int, out: Path, world: int) -> None:
+    """This file's worker in ``world`` gloo processes."""
+    _run_ranks([__file__, mode, str(stage), str(out)], world)
+
+
+def _run_ranks(argv: list[str], world: int) -> list[str]:
+    """Run ``python ARGV`` as ranks 0..world-1 of one job (torchrun-style environment); returns their logs."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ)
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            DS_ACCELERATOR="cpu",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, log[-4000:]
+    return logs
+
+
+@pytest.fixture(scope="module", params=[0, 2, 3], ids=["zero0", "zero2", "zero3"])
+def run_dir(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"zero{request.param}")
+    _launch("train", request.param, out, world=2)
+    return request.param, out
+
+
+def _strict_model_output(weights: Path) -> torch.Tensor:
+    state, _, _ = load_weights_file(weights)
+    model = _build_model()
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.eval()
+    images, mask = _batch(12345)
+    with torch.no_grad():
+        return model(images, mask)
+
+
+def test_consolidate_reproduces_training_model(run_dir, tmp_path, capsys):
+    stage, out = run_dir
+    # The newest checkpoint (step-3) has no COMPLETE marker: the run directory resolves to step-2.
+    weights = tmp_path / "simmim.safetensors"
+    assert convert.main(["consolidate", str(out), "-o", str(weights)]) == 0
+    state, meta, _ = load_weights_file(weights)
+    assert meta["step"] == STEPS and meta["zero_stage"] == stage and meta["world_size"] == 2
+    assert meta["model"]["img_size"] == 64 and meta["kind"] == "simmim"
+    assert not any("relative_position_index" in k or "attn_mask" in k for k in state)
+    reference = torch.load(out / "reference.pt")
+    for key, value in reference["weights"].items():
+        assert torch.equal(state[key], value), key
+    assert (_strict_model_output(weights) - reference["output"]).abs().max().item() <= 1e-5
+
+    bf16 = tmp_path / "simmim_bf16.pth"
+    assert (
+        convert.main(["consolidate", str(out / "checkpoints"), "--tag", "step-2", "-o", str(bf16), "--dtype", "bf16"])
+        == 0
+    )
+    state16, _, _ = load_weights_file(bf16)
+    assert all(v.dtype == torch.bfloat16 for v in state16.values())
+    assert torch.equal(state16["decoder.0.weight"], state["decoder.0.weight"].to(torch.bfloat16))
+
+    # Straight on to fine-tuning weights.
+    backbone = tmp_path / "backbone.safetensors"
+    assert convert.main(["backbone", str(weights), "-o", str(backbone)]) == 0
+    assert load_weights_file(backbone)[1]["model"]["pretrained_window_sizes"] == [4, 4, 4, 2]
+
+    assert convert.main(["inspect", str(out)]) == 0
+    listing = capsys.readouterr().out
+    assert "step-2: complete" in listing and "step-3: INCOMPLETE" in listing
+
+
+def test_consolidate_refuses_incomplete(run_dir, tmp_path, capsys):
+    stage, out = run_dir
+    target = tmp_path / "x.safetensors"
+    assert convert.main(["consolidate", str(out / "checkpoints" / "step-3"), "-o", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "no COMPLETE marker" in err and "step-3" in err
+    assert convert.main(["consolidate", str(out), "--tag", "step-9", "-o", str(target)]) == 2
+    assert "no DeepSpeed checkpoint with tag 'step-9'" in capsys.readouterr().err
+    assert not target.exists()
+    if stage > 0:
+        # A complete-looking ZeRO checkpoint that lost one rank's optimizer shard.
+        broken = tmp_path / "broken" / "step-2"
+        shutil.copytree(out / "checkpoints" / "step-2", broken)
+        sorted(broken.glob("*optim_states.pt"))[-1].unlink()
+        assert convert.main(["consolidate", str(broken), "-o", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert "DeepSpeed cannot consolidate it" in err and "optim_states.pt" in err
+    # Pieces of a DeepSpeed checkpoint handed to the single-file subcommands name `consolidate`.
+    tag_dir = out / "checkpoints" / "step-2"
+    states = sorted(tag_dir.glob("*model_states.pt"))[0]
+    for source in (tag_dir, states):
+        assert convert.main(["export", "--to", "timm", str(source), "-o", str(target)]) == 2
+        assert "use `consolidate`" in capsys.readouterr().err
+
+
+def test_universal_resumes_at_world_size_1(run_dir, capsys):
+    """Saved by 2 processes, resumed by 1 (ZeRO-3 cannot do that from its native checkpoint)."""
+    stage, out = run_dir
+    if stage == 0:
+        assert convert.main(["universal", str(out)]) == 2
+        assert "resumes at any world size as it is" in capsys.readouterr().err
+        return
+    # Default output: <tag>_universal next to the tag, where the trainer looks when the world size changed.
+    assert convert.main(["universal", str(out)]) == 0
+    universal = out / "checkpoints" / "step-2_universal"
+    assert convert.main(["universal", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert (universal / "COMPLETE").exists() and (universal / "zero").is_dir()
+    _launch("resume", stage, universal, world=1)
+    resumed = torch.load(universal.parent / "resumed.pt")
+    assert resumed["step"] == STEPS
+    reference = torch.load(out / "reference.pt")
+    for key, value in reference["weights"].items():
+        assert torch.equal(resumed["weights"][key], value), key
+    assert (resumed["output"] - reference["output"]).abs().max().item() <= 1e-5
+
+
+def test_real_trainer_checkpoint_lifecycle(tmp_path, capsys):
+    """`python -m pretrain` at ZeRO-3 in 2 processes -> consolidate -> universal -> resumed by 1 process -> its
+    checkpoint consolidates too, and both load strictly into the SimMIM model."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for i in range(8):
+        pixels = (torch.rand(80, 80, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    run = tmp_path / "run"
+    overrides = [f"model.{k}={v}".replace(" ", "") for k, v in MODEL.items()] + [
+        "model.size=tiny",
+        "simmim.mask_patch_size=16",
+        "data.source=folder",
+        f"data.path={images}",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        f"training.output_dir={run}",
+        "training.precision=fp32",
+        "training.device=cpu",
+        "distributed.zero_stage=3",
+        "checkpoint.every_steps=2",
+        "logging.tensorboard=false",
+        "logging.image_every=0",
+        "schedule.epochs=3",
+        "schedule.warmup_epochs=0",
+    ]
+    _run_ranks(["-m", "pretrain", "training.max_steps=2", *overrides], world=2)
+
+    first = tmp_path / "step2.safetensors"
+    assert convert.main(["consolidate", str(run), "-o", str(first)]) == 0
+    state, meta, _ = load_weights_file(first)
+    assert (meta["step"], meta["world_size"], meta["zero_stage"]) == (2, 2, 3)
+    assert meta["config"]["distributed"]["zero_stage"] == 3 and meta["model_size"] == "tiny"
+    _build_model().load_state_dict(state, strict=True)
+
+    assert convert.main(["universal", str(run)]) == 0
+    logs = _run_ranks(["-m", "pretrain", "training.max_steps=4", *overrides], world=1)
+    assert "step-2_universal at step=2" in logs[0]
+    second = tmp_path / "step4.safetensors"
+    assert convert.main(["consolidate", str(run), "-o", str(second)]) == 0
+    state4, meta4, _ = load_weights_file(second)
+    assert (meta4["step"], meta4["world_size"]) == (4, 1)
+    _build_model().load_state_dict(state4, strict=True)
+    assert not torch.equal(state4["decoder.0.weight"], state["decoder.0.weight"])
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1:])

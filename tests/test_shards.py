@@ -1,0 +1,111 @@
+"""Shard writer round trip (real tar files), refusal to overwrite, the CLI, and the sample-data packer."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pretrain.sample_data import sample_image_files, write_sample_shards
+from pretrain.shards import main, write_shards
+
+
+def make_folder(root: Path) -> dict[str, tuple[int, int]]:
+    """Images in class subfolders and at top level, several formats, plus a corrupt file and a non-image file."""
+    rng = np.random.default_rng(0)
+    expected = {}
+    layout = [("cat/a.jpg", "JPEG"), ("cat/b.png", "PNG"), ("dog/c.webp", "WEBP"), ("dog/deep/d.bmp", "BMP"),
+              ("e.jpeg", "JPEG"), ("f.tif", "TIFF"), ("dog/g.jpg", "JPEG")]
+    for i, (name, fmt) in enumerate(layout):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = (20 + i, 30 + i)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, format=fmt)
+        expected[name] = size
+    (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "notes.txt").write_text("ignored")
+    return expected
+
+
+def read_back(out: Path) -> dict[str, tuple[str, tuple[int, int], int | None]]:
+    found: dict[str, tuple[str, tuple[int, int], int | None]] = {}
+    for shard in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            members: dict[str, dict[str, bytes]] = {}
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for parts in members.values():
+            rel = json.loads(parts["json"])["path"]
+            assert rel not in found, f"{rel} packed twice"
+            ext = next(e for e in ("jpg", "png", "webp") if e in parts)
+            with Image.open(io.BytesIO(parts[ext])) as image:
+                size = image.size
+            found[rel] = (ext, size, int(parts["cls"]) if "cls" in parts else None)
+    return found
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    expected = make_folder(src)
+    report = write_shards(src, out, maxcount=3, progress=False)
+    assert report["written"] == 7
+    assert report["unreadable"] == [str(src / "cat" / "broken.jpg")]
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes == {"shard-000000.tar": 3, "shard-000001.tar": 3, "shard-000002.tar": 1} == report["shards"]
+    assert sorted(p.name for p in out.iterdir()) == [*sorted(sizes), "sizes.json"]  # no leftover temporary files
+    found = read_back(out)
+    assert {k: v[1] for k, v in found.items()} == expected
+    # JPEG/PNG/WebP kept as they are, other formats converted to PNG; class = sorted top-level folder index.
+    assert found["dog/c.webp"][0] == "webp" and found["dog/deep/d.bmp"][0] == "png" and found["f.tif"][0] == "png"
+    assert found["cat/a.jpg"][2] == 0 and found["dog/deep/d.bmp"][2] == 1 and found["e.jpeg"][2] is None
+    assert (out / "shard-000000.tar").read_bytes().count((src / "cat" / "a.jpg").read_bytes()) == 1
+
+
+def test_refuses_non_empty_output_unless_forced(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_folder(src)
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_shards(src, out, progress=False)
+    assert not list(out.glob("shard-*"))
+    write_shards(src, out, maxcount=2, force=True, progress=False)  # 4 shards
+    assert len(list(out.glob("shard-*.tar"))) == 4
+    report = write_shards(src, out, maxcount=5, force=True, progress=False)
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert json.loads((out / "sizes.json").read_text()) == report["shards"]
+    assert (out / "keep.txt").exists()
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_folder(src)
+    run = subprocess.run([sys.executable, "-m", "pretrain.shards", str(src), str(out), "--maxcount", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "wrote 7 images to 2 shards" in run.stdout
+    assert "broken.jpg" in run.stderr
+    # The same entry point in-process (what the swinv2-shards console script calls): errors exit 2 with a message.
+    assert main([str(src), str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty), str(tmp_path / "o2")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    assert main([str(src), str(tmp_path / "o3"), "--maxcount", "0"]) == 2
+    assert "maxcount=0" in capsys.readouterr().err
+
+
+def test_sample_data_packs_skimage_photos(tmp_path: Path) -> None:
+    photos = sample_image_files()
+    report = write_sample_shards(tmp_path / "sample", maxcount=8)
+    assert report["written"] == len(photos) >= 10 and not report["unreadable"]
+    assert sum(json.loads((tmp_path / "sample" / "sizes.json").read_text()).values()) == len(photos)
