@@ -258,9 +258,14 @@ def _check_geometry(m: ModelConfig, depths: Sequence[int]) -> None:
     """Image size vs patch size vs window, with the official window clamp rule, without building a model."""
     from swinv2.swin_transformer_v2 import _window_and_shift
 
-    _require(m.patch_size > 0 and m.img_size > 0, f"model.img_size={m.img_size} and model.patch_size={m.patch_size} must be positive")
+    _require(
+        m.patch_size > 0 and m.img_size > 0,
+        f"model.img_size={m.img_size} and model.patch_size={m.patch_size} must be positive",
+    )
     if m.img_size % m.patch_size:
-        valid = [m.patch_size * k for k in range(max(1, m.img_size // m.patch_size - 2), m.img_size // m.patch_size + 3)]
+        valid = [
+            m.patch_size * k for k in range(max(1, m.img_size // m.patch_size - 2), m.img_size // m.patch_size + 3)
+        ]
         raise ConfigError(
             f"model.img_size={m.img_size} is not a multiple of model.patch_size={m.patch_size}; e.g. {valid}"
         )
@@ -307,7 +312,8 @@ def validate(cfg: PretrainConfig) -> None:
     for i, h in enumerate(heads):
         _require(
             h > 0 and (embed_dim * 2**i) % h == 0,
-            f"model.num_heads[{i}]={h} does not divide the stage {i} width {embed_dim * 2**i} (model.embed_dim={embed_dim})",
+            f"model.num_heads[{i}]={h} does not divide the stage {i} width {embed_dim * 2**i} "
+            f"(model.embed_dim={embed_dim})",
         )
     _require(m.window_size > 0, f"model.window_size={m.window_size}; accepted: a positive integer")
     _require(m.window_chunk_size >= 0, f"model.window_chunk_size={m.window_chunk_size}; accepted: 0 (off) or > 0")
@@ -354,7 +360,9 @@ def validate(cfg: PretrainConfig) -> None:
     o = cfg.optimizer
     _one_of("optimizer.name", o.name, OPTIMIZERS)
     _require(o.base_lr > 0, f"optimizer.base_lr={o.base_lr}; accepted: > 0")
-    _require(o.lr_reference_batch >= 0, f"optimizer.lr_reference_batch={o.lr_reference_batch}; accepted: 0 (off) or > 0")
+    _require(
+        o.lr_reference_batch >= 0, f"optimizer.lr_reference_batch={o.lr_reference_batch}; accepted: 0 (off) or > 0"
+    )
     _require(o.clip_grad >= 0, f"optimizer.clip_grad={o.clip_grad}; accepted: 0 (off) or > 0")
     _require(0.0 < o.layer_decay <= 1.0, f"optimizer.layer_decay={o.layer_decay}; accepted: 0 < layer_decay <= 1")
     _require(len(o.betas) == 2, f"optimizer.betas={list(o.betas)}; accepted: two values")

@@ -451,7 +451,7 @@ def import_weights(
         full = (
             {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
             if simmim
-            else state_dict
+            else dict(state_dict)
         )
         full.pop("mask_token", None)
         spec = infer_spec(full)
@@ -593,8 +593,12 @@ def _tensor_summary(shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> list[s
     ]
 
 
-def inspect_path(path: str | Path) -> list[str]:
+def inspect_path(path: str | Path, *, trust_pickle: bool = False) -> list[str]:
     """Describe a checkpoint file or directory (headers only for safetensors; mmap for pickles).
+
+    Args:
+        path: weights file, HF model directory, or DeepSpeed tag/checkpoints/run directory.
+        trust_pickle: allow Python objects in a pickled file (official training checkpoints).
 
     Returns:
         The lines printed by ``inspect``.
@@ -648,7 +652,7 @@ def inspect_path(path: str | Path) -> list[str]:
         meta = json.loads(header[META_KEY]) if META_KEY in header else {}
         lines.append("format: safetensors (header read only)")
     else:
-        state_dict, meta, extra = load_weights_file(path, trust_pickle=False)
+        state_dict, meta, extra = load_weights_file(path, trust_pickle=trust_pickle)
         shapes = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in state_dict.items()}
         lines.append("format: torch pickle (memory-mapped)" + (f"; other entries: {sorted(extra)}" if extra else ""))
     lines += _tensor_summary(shapes)
@@ -722,6 +726,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show what a checkpoint file or directory holds")
     p.add_argument("path")
+    p.add_argument("--trust-pickle", action="store_true", help="allow Python objects in a .pth (trusted files only)")
     return parser
 
 
@@ -767,7 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "universal":
             to_universal(args.checkpoint, args.output, tag=args.tag, force=args.force)
         else:
-            print("\n".join(inspect_path(args.path)))
+            print("\n".join(inspect_path(args.path, trust_pickle=args.trust_pickle)))
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,14 +1,18 @@
 """Pretraining data: webdataset tar shards (main source) and image folders, SimMIM transforms and masks.
 
 Determinism (what a batch depends on):
-- folder (map-style): the epoch order is a permutation drawn from (seed, epoch); each global batch of
-  ``batch_size * world_size`` indices is split into contiguous per-rank slices, and every sample's crop, flip and mask
-  come from a generator seeded with (seed, epoch, sample index). A batch is therefore the same whatever the number
-  of ranks or workers, and ``start_step`` resumes mid-epoch exactly.
+- folder (map-style): the epoch order is a permutation of the files drawn from (seed, epoch) (several chained when
+  ``data.samples_per_epoch`` exceeds the folder); each global batch of ``batch_size * world_size`` positions is split
+  into contiguous per-rank slices, and every sample's crop, flip and mask come from a generator seeded with (seed,
+  epoch, position in the epoch). A global batch is therefore the same whatever the number of ranks or workers, and
+  ``start_step`` resumes mid-epoch exactly.
 - webdataset (iterable): every (seed, epoch, rank, worker, start_step) seeds its own generator, which picks shards
   (with replacement when ``resampled``), shuffles samples in a buffer and draws augmentations and masks. Exact
   mid-epoch resume is not possible with streams; a resumed run reseeds deterministically (start_step enters the
   seed), which makes the restart statistically equivalent to an uninterrupted run.
+  Without resampling each of the ranks x workers readers gets its own shards and cycles them; the shuffle buffer
+  mixes across the end of a pass, so an epoch covers each reader's samples approximately (exactly with
+  ``data.shuffle_buffer=1``), as webdataset's own epoch wrapper does.
 Every rank yields exactly ``steps_per_epoch(cfg, world_size)`` batches per epoch, so collectives never hang at the
 end of an epoch. A corrupt or non-image sample is skipped with a warning and counted; batches carry the count in
 ``batch["skipped"]`` so it reaches the metrics.
@@ -131,26 +135,41 @@ def list_images(root: str | Path) -> list[Path]:
     return files
 
 
-class _FolderDataset(Dataset):
-    """Map-style dataset whose item i is the (image, mask) of file i, augmented with a per-(seed, epoch, i) generator."""
+def _epoch_order(n: int, length: int, seed: int, epoch: int) -> np.ndarray:
+    """File indices of one epoch: permutations of the n files drawn from (seed, epoch), chained to ``length``.
 
-    def __init__(self, files: list[Path], transform: SimMIMTransform, seed: int, epoch: int) -> None:
+    With ``data.samples_per_epoch`` larger than the folder, the epoch runs through several permutations.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    return np.concatenate([rng.permutation(n) for _ in range(max(1, math.ceil(length / n)))])[:length]
+
+
+class _FolderDataset(Dataset):
+    """Map-style dataset over positions of the epoch order; position p reads file ``order[p]``.
+
+    Crop, flip and mask of position p come from a generator seeded with (seed, epoch, p): the same whatever the rank
+    or worker that loads it, and different for a file that comes twice in one epoch.
+    """
+
+    def __init__(self, files: list[Path], order: np.ndarray, transform: SimMIMTransform, seed: int, epoch: int) -> None:
         self.files = files
+        self.order = order
         self.transform = transform
         self.seed = seed
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.order)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        path = self.files[int(self.order[position])]
         try:
-            with Image.open(self.files[index]) as image:
+            with Image.open(path) as image:
                 image.load()
-                rng = np.random.default_rng([self.seed, self.epoch, index])
+                rng = np.random.default_rng([self.seed, self.epoch, position])
                 return self.transform(image, rng)
-        except Exception as exc:  # noqa: BLE001 - any decode failure is a skipped sample, never fatal
-            warnings.warn(f"skipping unreadable image {self.files[index]}: {exc}", stacklevel=1)
+        except Exception as exc:
+            warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=1)
             return None
 
 
@@ -162,12 +181,10 @@ def _collate_skipping(samples: list[tuple[torch.Tensor, torch.Tensor] | None]) -
 
 
 class _RankBatches(torch.utils.data.Sampler):
-    """This rank's slice of each global batch of the (seed, epoch) permutation, from ``start_step`` on."""
+    """This rank's contiguous slice of each global batch of epoch positions, from ``start_step`` on."""
 
-    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, epoch: int, start_step: int) -> None:
-        self.order = np.random.default_rng([seed, epoch]).permutation(n)
-        self.batch, self.rank, self.world = batch, rank, world
-        self.steps = n // (batch * world)
+    def __init__(self, steps: int, batch: int, rank: int, world: int, start_step: int) -> None:
+        self.steps, self.batch, self.rank, self.world = steps, batch, rank, world
         self.start_step = start_step
 
     def __len__(self) -> int:
@@ -177,7 +194,7 @@ class _RankBatches(torch.utils.data.Sampler):
         global_batch = self.batch * self.world
         for step in range(self.start_step, self.steps):
             begin = step * global_batch + self.rank * self.batch
-            yield self.order[begin : begin + self.batch].tolist()
+            yield list(range(begin, begin + self.batch))
 
 
 # ------------------------------------------------------------------------------------------------- webdataset
@@ -314,8 +331,10 @@ class _ShardStream(IterableDataset):
             with Image.open(io.BytesIO(sample[key])) as image:
                 image.load()
                 return self.transform(image, rng)
-        except Exception as exc:  # noqa: BLE001 - corrupt samples are skipped and counted, never fatal
-            warnings.warn(f"skipping corrupt image {sample.get('__key__')!r} in {sample.get('__url__')}: {exc}", stacklevel=1)
+        except Exception as exc:
+            warnings.warn(
+                f"skipping corrupt image {sample.get('__key__')!r} in {sample.get('__url__')}: {exc}", stacklevel=1
+            )
             return None
 
 
@@ -373,8 +392,9 @@ def build_pretrain_loader(
         common["persistent_workers"] = False
     if d.source == "folder":
         files = list_images(d.path)
-        dataset = _FolderDataset(files, transform, cfg.training.seed, epoch)
-        sampler = _RankBatches(len(files), d.batch_size, rank, world_size, cfg.training.seed, epoch, start_step)
+        order = _epoch_order(len(files), total_steps * d.batch_size * world_size, cfg.training.seed, epoch)
+        dataset = _FolderDataset(files, order, transform, cfg.training.seed, epoch)
+        sampler = _RankBatches(total_steps, d.batch_size, rank, world_size, start_step)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_skipping, **common)
     urls = _check_shards(cfg, world_size)
     stream = _ShardStream(urls, transform, cfg, rank, world_size, epoch, start_step, total_steps - start_step)

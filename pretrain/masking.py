@@ -31,7 +31,9 @@ class MaskGenerator:
         if input_size % mask_patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of mask_patch_size {mask_patch_size}")
         if mask_patch_size % model_patch_size:
-            raise ValueError(f"mask_patch_size {mask_patch_size} is not a multiple of model_patch_size {model_patch_size}")
+            raise ValueError(
+                f"mask_patch_size {mask_patch_size} is not a multiple of model_patch_size {model_patch_size}"
+            )
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio {mask_ratio}; accepted: 0 < mask_ratio < 1")
         self.input_size = input_size

@@ -88,7 +88,7 @@ def write_shards(
     for path in tqdm(files, desc="packing", unit="img", disable=not progress):
         try:
             key, data = _encode(path)
-        except Exception as exc:  # noqa: BLE001 - an unreadable file is reported, never fatal
+        except Exception as exc:
             report["unreadable"].append(str(path))
             tqdm.write(f"unreadable, skipped: {path} ({exc})", file=sys.stderr)
             continue

@@ -75,7 +75,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, images: Path) ->
     straight = _run(tmp_path, "straight", images, 2, **common)
 
     run_dir = tmp_path / "killed"
-    args = tiny_overrides(run_dir, images, **common, **{"training.max_steps": 1000, "checkpoint.every_steps": 3})
+    args = tiny_overrides(run_dir, images, **{**common, "training.max_steps": 1000})
     procs = start_ranks(args, 2, tmp_path / "killed-logs-1")
     marker = run_dir / "checkpoints" / "step-3" / "COMPLETE"
     deadline = time.time() + 300

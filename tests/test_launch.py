@@ -1,0 +1,125 @@
+"""Launch environments: the SLURM/torch variable mapping (unit) and real launches with torchrun and the deepspeed
+launcher (2 local processes each; 2 torchrun "nodes" on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.distributed import LaunchError, resolve_launch_env
+from tests.helpers.launch import REPO, free_port, losses, make_image_folder, tiny_overrides
+
+BIN = Path(sys.executable).parent
+
+
+def test_single_process_without_launcher() -> None:
+    env: dict[str, str] = {}
+    launch = resolve_launch_env(env)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.launcher) == (0, 1, 0, "none")
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_torch_launcher_variables_and_deepspeed_local_rank_argument() -> None:
+    env = {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "node1", "MASTER_PORT": "1234", "LOCAL_WORLD_SIZE": "2"}
+    launch = resolve_launch_env(env, local_rank_arg=1)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.num_nodes) == (
+        3, 4, 1, "node1", 2,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "missing"),
+    [
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "LOCAL_RANK": "0"}, "MASTER_PORT"),
+        ({"RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1", "LOCAL_RANK": "0"}, "WORLD_SIZE"),
+        ({"MASTER_ADDR": "a"}, "RANK and WORLD_SIZE missing"),
+        ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1", "LOCAL_RANK": "0"}, "RANK='x'"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1", "LOCAL_RANK": "0"}, "outside"),
+        ({"SLURM_PROCID": "0", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "MASTER_ADDR": "a"}, "SLURM_LOCALID"),
+    ],
+)
+def test_partial_environments_name_what_is_missing(env: dict[str, str], missing: str) -> None:
+    with pytest.raises(LaunchError, match=missing):
+        resolve_launch_env(dict(env))
+
+
+def test_slurm_mapping_with_explicit_master() -> None:
+    env = {
+        "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+        "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[01-04]", "MASTER_ADDR": "gpu01",
+    }
+    launch = resolve_launch_env(env)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.launcher, launch.num_nodes) == (
+        5, 8, 1, "slurm", 4,
+    )
+    assert launch.master_port == 20000 + 123456 % 20000
+    assert env["RANK"] == "5" and env["MASTER_PORT"] == str(20000 + 123456 % 20000)
+
+
+def test_slurm_without_scontrol_says_to_set_master(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "1",
+           "SLURM_JOB_NODELIST": "n[1-2]"}
+    with pytest.raises(LaunchError, match="set MASTER_ADDR"):
+        resolve_launch_env(env)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"), 16)
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _check_run(run_dir: Path, proc: subprocess.CompletedProcess, world: int) -> None:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert f"world_size={world}" in output
+    assert sorted(losses(run_dir)) == [1, 2]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path: Path, images: Path) -> None:
+    args = tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 2, "distributed.zero_stage": 2})
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "pretrain", *args],
+        cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600,
+    )
+    _check_run(tmp_path / "run", proc, 2)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_two_processes(tmp_path: Path, images: Path) -> None:
+    args = tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 2, "distributed.zero_stage": 2})
+    proc = subprocess.run(
+        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain", *args],
+        cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600,
+    )
+    _check_run(tmp_path / "run", proc, 2)
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_on_loopback(tmp_path: Path, images: Path) -> None:
+    args = tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 2, "distributed.zero_stage": 1})
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+             "--master_addr", "127.0.0.1", "--master_port", port, "-m", "pretrain", *args],
+            cwd=REPO, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "nodes=2" in outputs[0] and "world_size=2" in outputs[0]
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
