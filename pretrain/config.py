@@ -65,7 +65,8 @@ class SimMIMConfig:
 
 @dataclass
 class DataConfig:
-    # webdataset: tar shards (path is a brace pattern, e.g. data/shards/train-{000000..000127}.tar);
+    # webdataset: tar shards (path is a brace pattern, e.g. data/shards/train-{000000..000127}.tar, a glob, or the
+    # folder holding them);
     # folder: a directory of images, searched recursively.
     source: str = "webdataset"
     path: str = ""

@@ -199,7 +199,12 @@ class _RankBatches(torch.utils.data.Sampler):
 
 # ------------------------------------------------------------------------------------------------- webdataset
 def expand_shards(pattern: str) -> list[str]:
-    """Shard paths from a brace pattern (``train-{000000..000127}.tar``), glob, or comma-separated list."""
+    """Shard paths from a brace pattern (``train-{000000..000127}.tar``), glob, comma-separated list or a folder.
+
+    A folder stands for every ``*.tar`` directly inside it (the output of ``python -m pretrain.shards``).
+    """
+    if pattern and Path(pattern).is_dir():
+        return sorted(str(p) for p in Path(pattern).glob("*.tar"))
     urls: list[str] = []
     for part in pattern.split(","):
         for item in braceexpand(part.strip()):

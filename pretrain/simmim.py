@@ -58,20 +58,37 @@ class SwinTransformerV2ForSimMIM(SwinTransformerV2):
         return z.transpose(1, 2).reshape(b, -1, h, self.img_size[1] // self.encoder_stride)
 
 
+def _window_sums(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Sum of x over the in-bounds part of a centred ``patch_size`` square window, for every pixel (zero padding).
+
+    Separable box filter through cumulative sums (a few operations per pixel, against k^2 = 2209 for a direct
+    47 x 47 pool, which costs seconds per batch on a CPU). Callers pass float64 so that differences of running sums
+    lose nothing.
+    """
+    pad = patch_size // 2
+    for dim in (-2, -1):
+        n = x.shape[dim]
+        padding = (0, 0, pad + 1, pad) if dim == -2 else (pad + 1, pad)
+        running = F.pad(x, padding).cumsum(dim)
+        x = running.narrow(dim, patch_size, n) - running.narrow(dim, 0, n)
+    return x
+
+
 def normalized_target(x: torch.Tensor, patch_size: int = 47) -> torch.Tensor:
     """Per-channel local standardisation of the image over a ``patch_size`` window (the official NORM_TARGET).
 
-    mean and variance come from avg pools that ignore padding; the variance is unbiased (n / (n - 1)).
+    Same definition as the official code: mean and mean of squares over the in-bounds pixels of the window (padding
+    not counted), unbiased variance (n / (n - 1)), clamped at 0, target = (x - mean) / sqrt(var + 1e-6). Statistics
+    are accumulated in float64 and the result returned in x's dtype.
     """
     if patch_size % 2 == 0:
         raise ValueError(f"norm target patch size {patch_size} must be odd (the window is centred on each pixel)")
-    pad = patch_size // 2
-    mean = F.avg_pool2d(x, patch_size, stride=1, padding=pad, count_include_pad=False)
-    mean_sq = F.avg_pool2d(x * x, patch_size, stride=1, padding=pad, count_include_pad=False)
-    ones = torch.ones_like(x[:, :1])
-    count = F.avg_pool2d(ones, patch_size, stride=1, padding=pad, count_include_pad=True) * patch_size**2
+    x64 = x.double()
+    count = _window_sums(torch.ones_like(x64[:1, :1]), patch_size)  # in-bounds pixels of each window
+    mean = _window_sums(x64, patch_size) / count
+    mean_sq = _window_sums(x64 * x64, patch_size) / count
     var = ((mean_sq - mean * mean) * count / (count - 1)).clamp(min=0.0)
-    return (x - mean) / (var + 1e-6).sqrt()
+    return ((x64 - mean) / (var + 1e-6).sqrt()).to(x.dtype)
 
 
 class SimMIM(nn.Module):
@@ -104,7 +121,8 @@ class SimMIM(nn.Module):
         pixel_mask = mask.repeat_interleave(patch, 1).repeat_interleave(patch, 2).unsqueeze(1)
         # The loss is computed in float32 whatever the module dtype (DeepSpeed bf16/fp16 cast the whole module).
         images = images.float()
-        target = normalized_target(images, self.norm_target_patch_size) if self.norm_target else images
+        with torch.no_grad():  # the target is data: no graph through the 47 x 47 statistics
+            target = normalized_target(images, self.norm_target_patch_size) if self.norm_target else images
         pixel_mask = pixel_mask.to(torch.float32)
         error = F.l1_loss(reconstruction.float(), target, reduction="none")
         loss = (error * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / self.in_chans

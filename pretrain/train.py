@@ -120,7 +120,7 @@ def run(cfg: PretrainConfig, launch: LaunchEnv) -> int:
         tmp.write_text(to_yaml(cfg))
         os.replace(tmp, run_dir / "config.yaml")
     print(f"rank={rank} local_rank={launch.local_rank} world_size={world} nodes={launch.num_nodes} "
-          f"host={platform.node()} device={device} launcher={launch.launcher}", flush=True)
+          f"host={os.environ.get('SLURMD_NODENAME', platform.node())} device={device} launcher={launch.launcher}", flush=True)
 
     engine = build_engine(cfg, world, opt_steps_per_epoch, load_universal=universal)
     step, epoch, data_position, images_seen = 0, 0, 0, 0

@@ -383,6 +383,9 @@ def test_unknown_sizes_and_untrusted_pickle(backbone_file, official_simmim_file,
     capsys.readouterr()
     err = _error(capsys, ["backbone", str(tmp_path / "pickled.pth"), "-o", str(tmp_path / "b.safetensors")])
     assert "--trust-pickle" in err
+    assert "--trust-pickle" in _error(capsys, ["inspect", str(tmp_path / "pickled.pth")])
+    assert convert.main(["inspect", str(tmp_path / "pickled.pth"), "--trust-pickle"]) == 0
+    assert "other entries: ['config']" in capsys.readouterr().out
     err = _error(
         capsys, ["export", "--to", "timm", str(path), "-o", str(tmp_path / "x.safetensors"), "--window-size", "12", "5"]
     )

@@ -53,7 +53,11 @@ def test_every_cell_equally_likely() -> None:
 
 @pytest.mark.parametrize(
     ("args", "words"),
-    [((200, 32, 4, 0.6), "input_size 200"), ((192, 30, 4, 0.6), "mask_patch_size 30"), ((192, 32, 4, 1.0), "mask_ratio")],
+    [
+        ((200, 32, 4, 0.6), "input_size 200"),
+        ((192, 30, 4, 0.6), "mask_patch_size 30"),
+        ((192, 32, 4, 1.0), "mask_ratio"),
+    ],
 )
 def test_bad_arguments(args: tuple, words: str) -> None:
     with pytest.raises(ValueError, match=words):

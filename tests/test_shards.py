@@ -21,8 +21,15 @@ def make_folder(root: Path) -> dict[str, tuple[int, int]]:
     """Images in class subfolders and at top level, several formats, plus a corrupt file and a non-image file."""
     rng = np.random.default_rng(0)
     expected = {}
-    layout = [("cat/a.jpg", "JPEG"), ("cat/b.png", "PNG"), ("dog/c.webp", "WEBP"), ("dog/deep/d.bmp", "BMP"),
-              ("e.jpeg", "JPEG"), ("f.tif", "TIFF"), ("dog/g.jpg", "JPEG")]
+    layout = [
+        ("cat/a.jpg", "JPEG"),
+        ("cat/b.png", "PNG"),
+        ("dog/c.webp", "WEBP"),
+        ("dog/deep/d.bmp", "BMP"),
+        ("e.jpeg", "JPEG"),
+        ("f.tif", "TIFF"),
+        ("dog/g.jpg", "JPEG"),
+    ]
     for i, (name, fmt) in enumerate(layout):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +95,12 @@ def test_refuses_non_empty_output_unless_forced(tmp_path: Path) -> None:
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     make_folder(src)
-    run = subprocess.run([sys.executable, "-m", "pretrain.shards", str(src), str(out), "--maxcount", "4"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "pretrain.shards", str(src), str(out), "--maxcount", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert "wrote 7 images to 2 shards" in run.stdout
     assert "broken.jpg" in run.stderr

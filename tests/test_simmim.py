@@ -95,7 +95,10 @@ def test_loss_equals_hand_computation() -> None:
             for tx in range(16):
                 if mask[b, ty, tx]:
                     # Each masked token covers a 4 x 4 pixel block, all channels.
-                    diff = rec[b, :, 4 * ty : 4 * ty + 4, 4 * tx : 4 * tx + 4] - images[b, :, 4 * ty : 4 * ty + 4, 4 * tx : 4 * tx + 4]
+                    diff = (
+                        rec[b, :, 4 * ty : 4 * ty + 4, 4 * tx : 4 * tx + 4]
+                        - images[b, :, 4 * ty : 4 * ty + 4, 4 * tx : 4 * tx + 4]
+                    )
                     total += diff.abs().sum().item()
                     count += 16
     expected = total / (count + 1e-5) / 3
@@ -111,6 +114,21 @@ def test_normalized_target_by_hand() -> None:
         assert out[0, c, y, xx].item() == pytest.approx(expected, rel=1e-9, abs=1e-9)
     with pytest.raises(ValueError, match="odd"):
         normalized_target(x, patch_size=4)
+
+
+@pytest.mark.parametrize("patch_size", [47, 7])
+def test_normalized_target_equals_direct_pooling(patch_size: int) -> None:
+    # The official formulation: k x k average pools without padding in the count (what our separable sums replace).
+    x = torch.randn(2, 3, 40, 52, dtype=torch.float64)
+    pad = patch_size // 2
+    mean = torch.nn.functional.avg_pool2d(x, patch_size, 1, pad, count_include_pad=False)
+    mean_sq = torch.nn.functional.avg_pool2d(x * x, patch_size, 1, pad, count_include_pad=False)
+    ones = torch.ones_like(x[:, :1])
+    count = torch.nn.functional.avg_pool2d(ones, patch_size, 1, pad, count_include_pad=True) * patch_size**2
+    var = ((mean_sq - mean**2) * count / (count - 1)).clamp(min=0)
+    expected = (x - mean) / (var + 1e-6).sqrt()
+    assert torch.allclose(normalized_target(x, patch_size), expected, rtol=0, atol=1e-10)
+    assert normalized_target(x.float(), patch_size).dtype == torch.float32
 
 
 def test_norm_target_is_used_when_enabled() -> None:
@@ -168,7 +186,7 @@ def test_decay_groups_official_counts_and_option() -> None:
     with torch.device("meta"):
         model = build_simmim(cfg)
     decay, no_decay = _decayed_names(model, simmim_param_groups(model, cfg))
-    # The official SimMIM SwinV2-B run (spec 3.6): 173 decayed tensors, 253 not, cpb_mlp weights and logit_scale decayed.
+    # Official SimMIM SwinV2-B (spec 3.6): 173 decayed tensors, 253 not; cpb_mlp weights and logit_scale decayed.
     assert (len(decay), len(no_decay)) == (173, 253)
     assert "encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight" in decay
     assert "encoder.layers.0.blocks.0.attn.logit_scale" in decay

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,9 +13,11 @@ import pytest
 
 from tests.helpers.launch import (
     REPO,
+    free_port,
     log_text,
     losses,
     make_image_folder,
+    rank_env,
     run_ranks,
     start_ranks,
     tiny_overrides,
@@ -144,3 +148,32 @@ def test_config_error_exits_2_before_heavy_work(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "model.window_size=5" in proc.stderr and "windows that divide" in proc.stderr
+
+
+def test_zero3_holds_half_of_parameters_and_optimizer_state_per_rank(tmp_path: Path) -> None:
+    args = [
+        "model.size=tiny", "model.img_size=64", "model.window_size=4", "simmim.mask_patch_size=16",
+        "simmim.norm_target_patch_size=7", "data.batch_size=2", "training.precision=fp32", "training.device=cpu",
+        "distributed.zero_stage=3",
+    ]
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.helpers.zero3_partition", *args], cwd=REPO, env=rank_env(rank, 2, port),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
+    reports = [json.loads(line.split("PARTITION ", 1)[1]) for out in outputs for line in out.splitlines()
+               if line.startswith("PARTITION ")]
+    assert len(reports) == 2
+    full = reports[0]["full"]
+    assert full > 27_000_000  # SwinV2-T backbone + SimMIM decoder
+    for report in reports:
+        # Each rank holds its half of every parameter (padding to the world size adds at most one element each)
+        # and the AdamW moments of that half only.
+        assert abs(report["params"] - full / 2) / full < 0.01, report
+        assert abs(report["state"] - full) / full < 0.02, report  # exp_avg + exp_avg_sq of half the parameters
+    assert sum(r["params"] for r in reports) >= full

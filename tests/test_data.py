@@ -1,0 +1,261 @@
+"""Data pipeline on real tar shards and real folders: rank/worker splits, determinism, resume, corrupt samples."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pretrain.config import PretrainConfig, load_config
+from pretrain.data import DataError, SimMIMTransform, build_pretrain_loader, steps_per_epoch
+from pretrain.shards import write_shards
+
+MODEL = [
+    "model.size=tiny",
+    "model.embed_dim=16",
+    "model.depths=[1,1,1,1]",
+    "model.num_heads=[1,2,2,4]",
+    "model.img_size=64",
+    "model.window_size=4",
+    "simmim.mask_patch_size=16",
+]
+N_SHARD_IMAGES = 24
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    return (8 + 10 * i, 250 - 5 * i, 100)
+
+
+def write_colours(folder: Path, ids: range) -> None:
+    """Uniform images whose red value identifies them (survives crop, resize and flip exactly; PNG is lossless)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        Image.new("RGB", (40 + i % 5, 36), colour(i)).save(folder / f"img{i:03d}.png")
+
+
+def ids_of(images: torch.Tensor, cfg: PretrainConfig) -> list[int]:
+    red = images[:, 0, 0, 0] * cfg.data.std[0] + cfg.data.mean[0]
+    return [round((float(r) * 255 - 8) / 10) for r in red]
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    write_colours(root / "src", range(N_SHARD_IMAGES))
+    write_shards(root / "src", root / "out", maxcount=6, progress=False)  # 4 shards of 6
+    return root / "out"
+
+
+def shard_cfg(shard_dir: Path, *extra: str) -> PretrainConfig:
+    pattern = str(shard_dir / "shard-{000000..000003}.tar")
+    return load_config(
+        None,
+        [
+            *MODEL,
+            "data.source=webdataset",
+            f"data.path={pattern}",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "data.shuffle_buffer=4",
+            *extra,
+        ],
+    )
+
+
+def collect(cfg: PretrainConfig, **kwargs: int) -> list[dict[str, torch.Tensor]]:
+    return list(build_pretrain_loader(cfg, **kwargs))
+
+
+def test_batch_format_and_mask_statistics(shard_dir: Path) -> None:
+    cfg = shard_cfg(shard_dir)
+    batches = collect(cfg, rank=0, world_size=1)
+    assert len(batches) == steps_per_epoch(cfg, 1) == N_SHARD_IMAGES // 2
+    for batch in batches:
+        assert batch["images"].shape == (2, 3, 64, 64) and batch["images"].dtype == torch.float32
+        assert batch["mask"].shape == (2, 16, 16)
+        # 4 x 4 cells of 16 px, ceil(16 * 0.6) = 10 masked, each 4 x 4 tokens.
+        assert batch["mask"].flatten(1).sum(1).tolist() == [160, 160]
+        assert int(batch["skipped"]) == 0
+        assert set(ids_of(batch["images"], cfg)) <= set(range(N_SHARD_IMAGES))
+
+
+@pytest.mark.slow
+def test_two_ranks_two_workers_disjoint_equal_streams(shard_dir: Path) -> None:
+    # One pass over the shards: 4 shards = 2 ranks x 2 workers, one shard per reader, 24 // (2 x 2) = 6 batches/rank.
+    cfg = shard_cfg(shard_dir, "data.resampled=false", "data.num_workers=2", "data.shuffle_buffer=1")
+    assert steps_per_epoch(cfg, 2) == 6
+    seen = []
+    for rank in (0, 1):
+        batches = collect(cfg, rank=rank, world_size=2)
+        assert len(batches) == 6
+        ids = [i for b in batches for i in ids_of(b["images"], cfg)]
+        assert len(ids) == len(set(ids)) == 12  # each of this rank's two shards read once
+        seen.append(set(ids))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(N_SHARD_IMAGES))
+
+
+def test_resampled_stream_is_deterministic(shard_dir: Path) -> None:
+    cfg = shard_cfg(shard_dir)
+    first = collect(cfg, rank=1, world_size=2, epoch=3)
+    again = collect(cfg, rank=1, world_size=2, epoch=3)
+    assert len(first) == len(again) == steps_per_epoch(cfg, 2)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["mask"], b["mask"])
+    other_epoch = collect(cfg, rank=1, world_size=2, epoch=4)
+    other_rank = collect(cfg, rank=0, world_size=2, epoch=3)
+    stack = torch.cat([b["images"] for b in first])
+    assert not torch.equal(stack, torch.cat([b["images"] for b in other_epoch]))
+    assert not torch.equal(stack, torch.cat([b["images"] for b in other_rank]))
+    # A resume reseeds (start_step enters the seed) and yields the remaining batches of the epoch.
+    assert len(collect(cfg, rank=1, world_size=2, epoch=3, start_step=2)) == len(first) - 2
+
+
+def test_corrupt_jpeg_in_shard_is_skipped_and_counted(tmp_path: Path) -> None:
+    shard = tmp_path / "bad-000000.tar"
+    good = 0
+    with wds.TarWriter(str(shard)) as writer:
+        for i in range(12):
+            if i == 4:
+                writer.write({"__key__": f"{i:04d}", "jpg": b"\xff\xd8\xff\xe0\x00\x10JFIF truncated"})
+            elif i == 7:
+                writer.write({"__key__": f"{i:04d}", "txt": b"no image here"})
+            else:
+                buffer = io.BytesIO()
+                Image.new("RGB", (40, 40), colour(good)).save(buffer, format="PNG")
+                writer.write({"__key__": f"{i:04d}", "png": buffer.getvalue(), "cls": b"3"})
+                good += 1
+    cfg = load_config(
+        None,
+        [
+            *MODEL,
+            f"data.path={shard}",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "data.resampled=false",
+            "data.shuffle_buffer=1",
+            "data.samples_per_epoch=10",
+        ],
+    )
+    with pytest.warns(UserWarning, match="skipping"):
+        batches = collect(cfg, rank=0, world_size=1)
+    assert len(batches) == 5
+    assert sum(int(b["skipped"]) for b in batches) == 2
+    assert sorted(i for b in batches for i in ids_of(b["images"], cfg)) == list(range(10))
+
+
+def test_shard_configuration_errors(shard_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="matches no shard files"):
+        steps_per_epoch(shard_cfg(shard_dir, f"data.path={tmp_path}/none-{{000..003}}.tar"), 1)
+    with pytest.raises(DataError, match=r"4 shards for 2 ranks x 3 workers = 6 readers"):
+        build_pretrain_loader(shard_cfg(shard_dir, "data.resampled=false", "data.num_workers=3"), rank=0, world_size=2)
+    # Resampling lifts the restriction.
+    assert steps_per_epoch(shard_cfg(shard_dir, "data.num_workers=3"), 2) == 6
+    # The shard folder itself is accepted as data.path (all *.tar inside).
+    assert steps_per_epoch(shard_cfg(shard_dir, f"data.path={shard_dir}"), 1) == N_SHARD_IMAGES // 2
+    no_index = tmp_path / "copy"
+    no_index.mkdir()
+    (no_index / "shard-000000.tar").write_bytes((shard_dir / "shard-000000.tar").read_bytes())
+    with pytest.raises(DataError, match=r"sizes\.json"):
+        steps_per_epoch(shard_cfg(shard_dir, f"data.path={no_index}/shard-000000.tar"), 1)
+    assert (
+        steps_per_epoch(shard_cfg(shard_dir, f"data.path={no_index}/shard-000000.tar", "data.samples_per_epoch=6"), 1)
+        == 3
+    )
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        steps_per_epoch(shard_cfg(shard_dir, "data.batch_size=16"), 2)
+    assert json.loads((shard_dir / "sizes.json").read_text())["shard-000003.tar"] == 6
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("folder")
+    write_colours(root / "a", range(0, 10))
+    write_colours(root / "b" / "nested", range(10, 19))
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8 broken")  # 20 files, one unreadable
+    return root
+
+
+def folder_cfg(folder: Path, *extra: str) -> PretrainConfig:
+    return load_config(None, [*MODEL, "data.source=folder", f"data.path={folder}", "data.num_workers=0", *extra])
+
+
+def stacked(batches: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+    return torch.cat([b[key] for b in batches])
+
+
+def test_folder_counts_unreadable_and_resumes_exactly(folder: Path) -> None:
+    cfg = folder_cfg(folder, "data.batch_size=4")
+    with pytest.warns(UserWarning, match="unreadable"):
+        full = collect(cfg, rank=0, world_size=1, epoch=1)
+    assert len(full) == steps_per_epoch(cfg, 1) == 5
+    assert sum(int(b["skipped"]) for b in full) == 1
+    assert sorted(ids_of(stacked(full, "images"), cfg)) == list(range(19))
+    resumed = collect(cfg, rank=0, world_size=1, epoch=1, start_step=3)
+    assert len(resumed) == 2
+    for a, b in zip(full[3:], resumed, strict=True):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["mask"], b["mask"])
+    with pytest.raises(DataError, match="start_step=6"):
+        build_pretrain_loader(cfg, rank=0, world_size=1, start_step=6)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_folder_two_ranks_equal_one_rank_any_workers(folder: Path) -> None:
+    one = collect(folder_cfg(folder, "data.batch_size=4"), rank=0, world_size=1, epoch=2)
+    two = [
+        collect(folder_cfg(folder, "data.batch_size=2", "data.num_workers=2"), rank=r, world_size=2, epoch=2)
+        for r in (0, 1)
+    ]
+    assert len(two[0]) == len(two[1]) == len(one) == 5
+    for step, batch in enumerate(one):
+        # The global batch of step s is rank 0's slice then rank 1's slice (when no image of it is unreadable).
+        if int(batch["skipped"]) or int(two[0][step]["skipped"]) or int(two[1][step]["skipped"]):
+            continue
+        joined = torch.cat([two[0][step]["images"], two[1][step]["images"]])
+        assert torch.equal(batch["images"], joined)
+        assert torch.equal(batch["mask"], torch.cat([two[0][step]["mask"], two[1][step]["mask"]]))
+    other_epoch = collect(folder_cfg(folder, "data.batch_size=4"), rank=0, world_size=1, epoch=3)
+    assert not torch.equal(stacked(one, "mask"), stacked(other_epoch, "mask"))
+
+
+def test_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not a directory"):
+        steps_per_epoch(folder_cfg(tmp_path / "missing"), 1)
+    with pytest.raises(DataError, match="holds no images"):
+        steps_per_epoch(folder_cfg(tmp_path), 1)
+
+
+def test_random_resized_crop_parameters() -> None:
+    cfg = load_config(None, MODEL)
+    transform = SimMIMTransform(cfg)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        top, left, h, w = transform.crop_params(rng, 300, 200)
+        assert top >= 0 and top + h <= 200 and left >= 0 and left + w <= 300
+        # Rounding of the sides moves area and aspect slightly outside the sampled ranges.
+        assert 0.67 * 0.97 <= h * w / 60000 <= 1.0
+        assert 3 / 4 * 0.97 <= w / h <= 4 / 3 * 1.03
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 80, 3), dtype=np.uint8))
+    tensor, mask = transform(image, np.random.default_rng(5))
+    again, mask2 = transform(image, np.random.default_rng(5))
+    assert tensor.shape == (3, 64, 64) and torch.equal(tensor, again) and torch.equal(mask, mask2)
+    assert math.isclose(float(mask.float().mean()), 10 / 16)
+
+
+def test_folder_epoch_longer_than_folder(folder: Path) -> None:
+    cfg = folder_cfg(folder, "data.batch_size=4", "data.samples_per_epoch=48")
+    assert steps_per_epoch(cfg, 1) == 12
+    with pytest.warns(UserWarning, match="unreadable"):
+        batches = collect(cfg, rank=0, world_size=1)
+    assert len(batches) == 12
+    ids = ids_of(stacked(batches, "images"), cfg)
+    # 48 positions = two full permutations of the 20 files and 8 of a third: the 19 readable ones at least twice.
+    assert all(ids.count(i) >= 2 for i in range(19)) and sum(int(b["skipped"]) for b in batches) >= 2
