@@ -41,61 +41,73 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     args = parser.parse_args()
 
-    from pretrain.config import load_config
     from pretrain.distributed import init_process_group, resolve_launch_env
-    from pretrain.engine import build_engine, compute_dtype
-    from pretrain.metrics import count_forward_flops, peak_flops
-    from pretrain.optim import build_optimizer
-    from pretrain.simmim import build_simmim, simmim_param_groups
+    from pretrain.metrics import peak_flops
 
     resolve_launch_env()
     init_process_group("gloo", 10)
     device = torch.device("cpu")
     peak, source = peak_flops(device)
-    print(f"SimMIM SwinV2-{args.size} {args.img}/w{args.window}, batch {args.batch}, {torch.get_num_threads()} threads; "
-          f"peak {peak / 1e9:.1f} GFLOP/s ({source})")
+    print(
+        f"SimMIM SwinV2-{args.size} {args.img}/w{args.window}, batch {args.batch}, {torch.get_num_threads()} threads; "
+        f"peak {peak / 1e9:.1f} GFLOP/s ({source})"
+    )
     print(f"{'precision':<10}{'variant':<12}{'s/step':>10}{'img/s':>10}{'MFU %':>8}{'vs bare':>9}")
+    bare = float("nan")
     for precision in args.precision:
-        base = [f"model.size={args.size}", f"model.img_size={args.img}", f"model.window_size={args.window}",
-                f"data.batch_size={args.batch}", f"training.precision={precision}", "training.device=cpu"]
-        cfg = load_config(None, base)
-        torch.manual_seed(0)
-        images = torch.randn(args.batch, 3, args.img, args.img)
-        grid = args.img // cfg.model.patch_size
-        mask = (torch.rand(args.batch, grid, grid) > 0.4).float()
-
-        model = build_simmim(cfg)
-        flops = count_forward_flops(model, images[:1], mask[:1])
-        optimizer = build_optimizer(simmim_param_groups(model, cfg), cfg, "cpu")
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
-
-        def bare_step() -> None:
-            with autocast:
-                loss = model(images, mask)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        bare = _time(bare_step, args.steps, args.repeats)
-        del model, optimizer
-        rows = [("bare", bare)]
-        for stage in args.zero:
-            cfg = load_config(None, [*base, f"distributed.zero_stage={stage}"])
-            engine = build_engine(cfg, 1, steps_per_epoch=1000)
-            dtype = compute_dtype(cfg)
-            x, m = images.to(dtype), mask
-
-            def engine_step() -> None:
-                engine.backward(engine(x, m))
-                engine.step()
-
-            rows.append((f"zero{stage}", _time(engine_step, args.steps, args.repeats)))
-            del engine
-        for name, seconds in rows:
+        for name, seconds, flops in _measure(precision, args):
             rate = args.batch / seconds
             mfu = 100 * 3 * flops * rate / peak
+            bare = seconds if name == "bare" else bare
             print(f"{precision:<10}{name:<12}{seconds:>10.3f}{rate:>10.2f}{mfu:>8.2f}{bare / seconds:>8.2f}x")
+
+
+def _measure(precision: str, args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """(variant, seconds per step, forward FLOPs per image) for the bare step and each ZeRO stage."""
+    from pretrain.config import load_config
+    from pretrain.engine import build_engine, compute_dtype
+    from pretrain.metrics import count_forward_flops
+    from pretrain.optim import build_optimizer
+    from pretrain.simmim import build_simmim, simmim_param_groups
+
+    base = [
+        f"model.size={args.size}",
+        f"model.img_size={args.img}",
+        f"model.window_size={args.window}",
+        f"data.batch_size={args.batch}",
+        f"training.precision={precision}",
+        "training.device=cpu",
+    ]
+    cfg = load_config(None, base)
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, 3, args.img, args.img)
+    grid = args.img // cfg.model.patch_size
+    mask = (torch.rand(args.batch, grid, grid) > 0.4).float()
+    model = build_simmim(cfg)
+    flops = count_forward_flops(model, images[:1], mask[:1])
+    optimizer = build_optimizer(simmim_param_groups(model, cfg), cfg, "cpu")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+    def bare_step() -> None:
+        with autocast:
+            loss = model(images, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    rows = [("bare", _time(bare_step, args.steps, args.repeats), flops)]
+    for stage in args.zero:
+        stage_cfg = load_config(None, [*base, f"distributed.zero_stage={stage}"])
+        engine = build_engine(stage_cfg, 1, steps_per_epoch=1000)
+        x = images.to(compute_dtype(stage_cfg))
+
+        def engine_step(engine: object = engine, x: torch.Tensor = x) -> None:
+            engine.backward(engine(x, mask))
+            engine.step()
+
+        rows.append((f"zero{stage}", _time(engine_step, args.steps, args.repeats), flops))
+    return rows
 
 
 if __name__ == "__main__":

@@ -76,9 +76,7 @@ def find_latest_complete(ckpt_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def save_checkpoint(
-    engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int
-) -> Path:
+def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
     """Collective: every rank saves its part; rank 0 then writes the marker and prunes to the newest ``keep_last``."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)

@@ -43,16 +43,13 @@ def compute_dtype(cfg: PretrainConfig) -> torch.dtype:
 
 
 def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict: batch triple, clipping, precision and ZeRO, then ``distributed.deepspeed`` merged over."""
+    """The DeepSpeed config dict (batch triple, clipping, precision, ZeRO), ``distributed.deepspeed`` merged over it."""
     d = cfg.distributed
     zero: dict[str, Any] = {"stage": d.zero_stage}
     if d.zero_stage >= 1:
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if d.zero_stage == 3:
-        # Gather parameters for checkpoint saving so consolidation also works from the 16-bit weights.
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.training.grad_accum_steps,

@@ -118,8 +118,16 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
 
-    def log_images(self, step: int, images: torch.Tensor, mask: torch.Tensor, reconstruction: torch.Tensor,
-                   mean: list[float], std: list[float], patch_size: int) -> Path | None:
+    def log_images(
+        self,
+        step: int,
+        images: torch.Tensor,
+        mask: torch.Tensor,
+        reconstruction: torch.Tensor,
+        mean: list[float],
+        std: list[float],
+        patch_size: int,
+    ) -> Path | None:
         """Grid of (input, masked input, reconstruction) rows for up to 4 images, to TensorBoard and a PNG."""
         if not self.enabled:
             return None

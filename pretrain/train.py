@@ -105,8 +105,10 @@ def run(cfg: PretrainConfig, launch: LaunchEnv) -> int:
     accum = cfg.training.grad_accum_steps
     opt_steps_per_epoch = loader_steps // accum
     if opt_steps_per_epoch == 0:
-        print(f"config error: an epoch has {loader_steps} batches, fewer than training.grad_accum_steps={accum}",
-              file=sys.stderr)
+        print(
+            f"config error: an epoch has {loader_steps} batches, fewer than training.grad_accum_steps={accum}",
+            file=sys.stderr,
+        )
         return 2
     total_steps = cfg.schedule.epochs * opt_steps_per_epoch
     if cfg.training.max_steps is not None:
@@ -119,8 +121,11 @@ def run(cfg: PretrainConfig, launch: LaunchEnv) -> int:
         tmp = run_dir / "config.yaml.partial"
         tmp.write_text(to_yaml(cfg))
         os.replace(tmp, run_dir / "config.yaml")
-    print(f"rank={rank} local_rank={launch.local_rank} world_size={world} nodes={launch.num_nodes} "
-          f"host={os.environ.get('SLURMD_NODENAME', platform.node())} device={device} launcher={launch.launcher}", flush=True)
+    print(
+        f"rank={rank} local_rank={launch.local_rank} world_size={world} nodes={launch.num_nodes} "
+        f"host={os.environ.get('SLURMD_NODENAME', platform.node())} device={device} launcher={launch.launcher}",
+        flush=True,
+    )
 
     engine = build_engine(cfg, world, opt_steps_per_epoch, load_universal=universal)
     step, epoch, data_position, images_seen = 0, 0, 0, 0
@@ -141,8 +146,10 @@ def run(cfg: PretrainConfig, launch: LaunchEnv) -> int:
     flops_per_image: float | None = None
     peak, peak_source = peak_flops(device)
     if rank == 0:
-        metrics.message(f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source}); {total_steps} steps, "
-                        f"{opt_steps_per_epoch} per epoch, global batch {cfg.data.batch_size * world * accum}")
+        metrics.message(
+            f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source}); {total_steps} steps, "
+            f"{opt_steps_per_epoch} per epoch, global batch {cfg.data.batch_size * world * accum}"
+        )
 
     nonfinite_in_row = nonfinite_total = skipped_total = 0
     grad_norm: float | None = None
@@ -167,9 +174,14 @@ def run(cfg: PretrainConfig, launch: LaunchEnv) -> int:
                 torch.manual_seed(cfg.training.seed * 1_000_003 + rank * 7_919 + step * accum + micro)
                 loss = engine(images, mask)
                 stats = torch.tensor(
-                    [loss.detach().float().item(), float(not torch.isfinite(loss).item()),
-                     float(stop.signal is not None), float(batch["skipped"].sum().item())],
-                    dtype=torch.float64, device=device,
+                    [
+                        loss.detach().float().item(),
+                        float(not torch.isfinite(loss).item()),
+                        float(stop.signal is not None),
+                        float(batch["skipped"].sum().item()),
+                    ],
+                    dtype=torch.float64,
+                    device=device,
                 )
                 dist.all_reduce(stats)
                 skipped_total += int(stats[3].item())
@@ -177,8 +189,10 @@ def run(cfg: PretrainConfig, launch: LaunchEnv) -> int:
                     # Some rank saw a non-finite loss: every rank skips this micro-batch (no backward, no step).
                     nonfinite_in_row += 1
                     nonfinite_total += 1
-                    metrics.message(f"non-finite loss at step={step + 1}: batch skipped "
-                                    f"({nonfinite_in_row} in a row, {nonfinite_total} in total)")
+                    metrics.message(
+                        f"non-finite loss at step={step + 1}: batch skipped "
+                        f"({nonfinite_in_row} in a row, {nonfinite_total} in total)"
+                    )
                     if nonfinite_in_row >= cfg.training.max_nonfinite_steps:
                         raise NonFiniteLossError(
                             f"{nonfinite_in_row} non-finite losses in a row (training.max_nonfinite_steps="
@@ -233,22 +247,37 @@ def run(cfg: PretrainConfig, launch: LaunchEnv) -> int:
                 if cfg.logging.image_every and step % cfg.logging.image_every == 0:
                     with torch.no_grad():
                         _, reconstruction = engine.module.reconstruct(images, mask)
-                    metrics.log_images(step, images, mask, reconstruction, list(cfg.data.mean), list(cfg.data.std),
-                                       cfg.model.patch_size)
+                    metrics.log_images(
+                        step,
+                        images,
+                        mask,
+                        reconstruction,
+                        list(cfg.data.mean),
+                        list(cfg.data.std),
+                        cfg.model.patch_size,
+                    )
                 preempted = stats[2].item() > 0
                 if preempted or step % cfg.checkpoint.every_steps == 0 or step == total_steps:
                     client = {
-                        "step": step, "epoch": epoch, "data_position": data_position, "images_seen": images_seen,
-                        "seed": cfg.training.seed, "config": to_dict(cfg), "world_size": world,
-                        "zero_stage": cfg.distributed.zero_stage, "versions": _versions(),
+                        "step": step,
+                        "epoch": epoch,
+                        "data_position": data_position,
+                        "images_seen": images_seen,
+                        "seed": cfg.training.seed,
+                        "config": to_dict(cfg),
+                        "world_size": world,
+                        "zero_stage": cfg.distributed.zero_stage,
+                        "versions": _versions(),
                         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
                     }
                     tag_dir = save_checkpoint(engine, ckpt_dir, step, client, cfg.checkpoint.keep_last)
                     metrics.message(f"saved checkpoint {tag_dir} at step={step}")
                 if preempted:
                     name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
-                    metrics.message(f"preempted ({name}): complete checkpoint saved at step={step}; exiting with "
-                                    f"code {EXIT_PREEMPTED} so the job can be requeued and resume from it")
+                    metrics.message(
+                        f"preempted ({name}): complete checkpoint saved at step={step}; exiting with "
+                        f"code {EXIT_PREEMPTED} so the job can be requeued and resume from it"
+                    )
                     exit_code = EXIT_PREEMPTED
                     break
                 if step >= total_steps:

@@ -27,7 +27,11 @@ def test_torch_launcher_variables_and_deepspeed_local_rank_argument() -> None:
     env = {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "node1", "MASTER_PORT": "1234", "LOCAL_WORLD_SIZE": "2"}
     launch = resolve_launch_env(env, local_rank_arg=1)
     assert (launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.num_nodes) == (
-        3, 4, 1, "node1", 2,
+        3,
+        4,
+        1,
+        "node1",
+        2,
     )
 
 
@@ -49,12 +53,21 @@ def test_partial_environments_name_what_is_missing(env: dict[str, str], missing:
 
 def test_slurm_mapping_with_explicit_master() -> None:
     env = {
-        "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-        "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[01-04]", "MASTER_ADDR": "gpu01",
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_NNODES": "4",
+        "SLURM_JOB_NODELIST": "gpu[01-04]",
+        "MASTER_ADDR": "gpu01",
     }
     launch = resolve_launch_env(env)
     assert (launch.rank, launch.world_size, launch.local_rank, launch.launcher, launch.num_nodes) == (
-        5, 8, 1, "slurm", 4,
+        5,
+        8,
+        1,
+        "slurm",
+        4,
     )
     assert launch.master_port == 20000 + 123456 % 20000
     assert env["RANK"] == "5" and env["MASTER_PORT"] == str(20000 + 123456 % 20000)
@@ -62,8 +75,13 @@ def test_slurm_mapping_with_explicit_master() -> None:
 
 def test_slurm_without_scontrol_says_to_set_master(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "1",
-           "SLURM_JOB_NODELIST": "n[1-2]"}
+    env = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_ID": "1",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+    }
     with pytest.raises(LaunchError, match="set MASTER_ADDR"):
         resolve_launch_env(env)
 
@@ -74,8 +92,11 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")
+    }
     env["OMP_NUM_THREADS"] = "1"
     return env
 
@@ -92,7 +113,11 @@ def test_torchrun_two_processes(tmp_path: Path, images: Path) -> None:
     args = tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 2, "distributed.zero_stage": 2})
     proc = subprocess.run(
         [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "pretrain", *args],
-        cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     _check_run(tmp_path / "run", proc, 2)
 
@@ -102,7 +127,11 @@ def test_deepspeed_launcher_two_processes(tmp_path: Path, images: Path) -> None:
     args = tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 2, "distributed.zero_stage": 2})
     proc = subprocess.run(
         [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain", *args],
-        cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     _check_run(tmp_path / "run", proc, 2)
 
@@ -113,9 +142,27 @@ def test_two_torchrun_nodes_on_loopback(tmp_path: Path, images: Path) -> None:
     port = str(free_port())
     procs = [
         subprocess.Popen(
-            [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
-             "--master_addr", "127.0.0.1", "--master_port", port, "-m", "pretrain", *args],
-            cwd=REPO, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                str(BIN / "torchrun"),
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(node),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                "-m",
+                "pretrain",
+                *args,
+            ],
+            cwd=REPO,
+            env=_clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for node in (0, 1)
     ]

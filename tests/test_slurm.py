@@ -29,13 +29,17 @@ def _start_cluster(workdir: Path, nodes: int) -> dict[str, str]:
         if os.environ.get("CI"):
             pytest.fail("SLURM is not installed and this is not root: CI must be able to install it")
         pytest.skip("SLURM tests need root (to install slurm-wlm and munge) or an installed SLURM")
-    proc = subprocess.run(["bash", str(CLUSTER), "start", str(workdir), str(nodes)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        ["bash", str(CLUSTER), "start", str(workdir), str(nodes)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     conf = re.search(r"export SLURM_CONF=(\S+)", proc.stdout)
     assert conf, proc.stdout
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in
-           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(SLURM_CONF=conf.group(1), PYTHON=PYTHON, OMP_NUM_THREADS="1")
     return env
 
@@ -59,12 +63,22 @@ def one_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 
 
 def _sbatch(env: dict[str, str], log: Path, sbatch_args: list[str], job_args: list[str], wait: bool = False) -> str:
-    cmd = ["sbatch", "--parsable", f"--output={log}", f"--error={log}", "--gpus-per-node=0", "--cpus-per-task=1",
-           "--time=15", f"--chdir={REPO}", *sbatch_args]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--output={log}",
+        f"--error={log}",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=15",
+        f"--chdir={REPO}",
+        *sbatch_args,
+    ]
     if wait:
         cmd.append("--wait")
-    proc = subprocess.run([*cmd, str(REPO / "slurm" / "pretrain.sh"), *job_args], env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [*cmd, str(REPO / "slurm" / "pretrain.sh"), *job_args], env=env, capture_output=True, text=True, timeout=900
+    )
     if not wait:
         assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
@@ -87,8 +101,11 @@ def _wait_state(env: dict[str, str], job_id: str, states: tuple[str, ...], timeo
 
 def test_one_node_two_tasks_trains_and_checkpoints(one_node: dict[str, str], images: Path, tmp_path: Path) -> None:
     log = tmp_path / "job.out"
-    job_args = ["--config", "configs/demo_cpu.yaml",
-                *tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 3, "distributed.zero_stage": 2})]
+    job_args = [
+        "--config",
+        "configs/demo_cpu.yaml",
+        *tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 3, "distributed.zero_stage": 2}),
+    ]
     job_id = _sbatch(one_node, log, ["--nodes=1", "--ntasks-per-node=2"], job_args)
     info = _wait_state(one_node, job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
     text = log.read_text()
@@ -101,8 +118,11 @@ def test_one_node_two_tasks_trains_and_checkpoints(one_node: dict[str, str], ima
 
 def test_preemption_saves_requeues_and_resumes(one_node: dict[str, str], images: Path, tmp_path: Path) -> None:
     log = tmp_path / "job.out"
-    job_args = ["--config", "configs/demo_cpu.yaml",
-                *tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 60, "distributed.zero_stage": 2})]
+    job_args = [
+        "--config",
+        "configs/demo_cpu.yaml",
+        *tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 60, "distributed.zero_stage": 2}),
+    ]
     job_id = _sbatch(one_node, log, ["--nodes=1", "--ntasks-per-node=2"], job_args)
     deadline = time.time() + 600
     while time.time() < deadline and not (log.exists() and "step=3/" in log.read_text()):
@@ -132,8 +152,12 @@ def test_preemption_saves_requeues_and_resumes(one_node: dict[str, str], images:
 
 def test_bad_config_fails_fast_and_is_not_requeued(one_node: dict[str, str], tmp_path: Path) -> None:
     log = tmp_path / "job.out"
-    job_id = _sbatch(one_node, log, ["--nodes=1", "--ntasks-per-node=1"],
-                     ["--config", "configs/demo_cpu.yaml", "model.window_size=5"])
+    job_id = _sbatch(
+        one_node,
+        log,
+        ["--nodes=1", "--ntasks-per-node=1"],
+        ["--config", "configs/demo_cpu.yaml", "model.window_size=5"],
+    )
     info = _wait_state(one_node, job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
     text = log.read_text()
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text
@@ -150,8 +174,11 @@ def test_two_nodes_one_task_each(images: Path, tmp_path_factory: pytest.TempPath
     try:
         tmp = tmp_path_factory.mktemp("two-nodes")
         log = tmp / "job.out"
-        job_args = ["--config", "configs/demo_cpu.yaml",
-                    *tiny_overrides(tmp / "run", images, **{"training.max_steps": 3, "distributed.zero_stage": 2})]
+        job_args = [
+            "--config",
+            "configs/demo_cpu.yaml",
+            *tiny_overrides(tmp / "run", images, **{"training.max_steps": 3, "distributed.zero_stage": 2}),
+        ]
         _sbatch(env, log, ["--nodes=2", "--ntasks-per-node=1"], job_args, wait=True)
         text = log.read_text()
         assert "rank=0 local_rank=0 world_size=2 nodes=2 host=n1" in text, text[-3000:]

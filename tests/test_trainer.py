@@ -63,7 +63,10 @@ def test_gradient_accumulation_matches_large_batch(tmp_path: Path, images: Path)
     """2 micro-batches of 4 accumulated == 1 batch of 8 (clipping and stepping only at the boundary)."""
     large = _run(tmp_path, "b8", images, 1, **{"data.batch_size": 8, "training.max_steps": 4})
     accumulated = _run(
-        tmp_path, "b4x2", images, 1,
+        tmp_path,
+        "b4x2",
+        images,
+        1,
         **{"data.batch_size": 4, "training.grad_accum_steps": 2, "training.max_steps": 4, "optimizer.clip_grad": 0.05},
     )
     clipped_large = _run(
@@ -92,7 +95,9 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, images: Path) ->
 
     codes = run_ranks(tiny_overrides(run_dir, images, **common), 2, tmp_path / "killed-logs-2")
     assert codes == [0, 0], log_text(tmp_path / "killed-logs-2")
-    assert "resumed from" in log_text(tmp_path / "killed-logs-2") and "at step=3" in log_text(tmp_path / "killed-logs-2")
+    assert "resumed from" in log_text(tmp_path / "killed-logs-2") and "at step=3" in log_text(
+        tmp_path / "killed-logs-2"
+    )
     resumed = losses(run_dir)
     for step in (4, 5, 6):
         assert resumed[step] == straight[step], f"step {step}: {resumed[step]} vs {straight[step]}"
@@ -107,7 +112,9 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, images: Path) ->
 def test_killed_rank_does_not_hang_the_others(tmp_path: Path, images: Path) -> None:
     run_dir = tmp_path / "orphan"
     args = tiny_overrides(
-        run_dir, images, **{"training.max_steps": 100000, "distributed.zero_stage": 2, "distributed.timeout_minutes": 0.25}
+        run_dir,
+        images,
+        **{"training.max_steps": 100000, "distributed.zero_stage": 2, "distributed.timeout_minutes": 0.25},
     )
     procs = start_ranks(args, 2, tmp_path / "orphan-logs")
     deadline = time.time() + 300
@@ -144,7 +151,10 @@ def test_preemption_signal_saves_and_exits_75(tmp_path: Path, images: Path) -> N
 def test_config_error_exits_2_before_heavy_work(tmp_path: Path) -> None:
     proc = subprocess.run(
         ["python", "-m", "pretrain", "--config", "configs/demo_cpu.yaml", "model.window_size=5"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "model.window_size=5" in proc.stderr and "windows that divide" in proc.stderr
@@ -152,22 +162,36 @@ def test_config_error_exits_2_before_heavy_work(tmp_path: Path) -> None:
 
 def test_zero3_holds_half_of_parameters_and_optimizer_state_per_rank(tmp_path: Path) -> None:
     args = [
-        "model.size=tiny", "model.img_size=64", "model.window_size=4", "simmim.mask_patch_size=16",
-        "simmim.norm_target_patch_size=7", "data.batch_size=2", "training.precision=fp32", "training.device=cpu",
+        "model.size=tiny",
+        "model.img_size=64",
+        "model.window_size=4",
+        "simmim.mask_patch_size=16",
+        "simmim.norm_target_patch_size=7",
+        "data.batch_size=2",
+        "training.precision=fp32",
+        "training.device=cpu",
         "distributed.zero_stage=3",
     ]
     port = free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.helpers.zero3_partition", *args], cwd=REPO, env=rank_env(rank, 2, port),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-m", "tests.helpers.zero3_partition", *args],
+            cwd=REPO,
+            env=rank_env(rank, 2, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for rank in range(2)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
-    reports = [json.loads(line.split("PARTITION ", 1)[1]) for out in outputs for line in out.splitlines()
-               if line.startswith("PARTITION ")]
+    reports = [
+        json.loads(line.split("PARTITION ", 1)[1])
+        for out in outputs
+        for line in out.splitlines()
+        if line.startswith("PARTITION ")
+    ]
     assert len(reports) == 2
     full = reports[0]["full"]
     assert full > 27_000_000  # SwinV2-T backbone + SimMIM decoder

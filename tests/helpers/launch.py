@@ -24,8 +24,14 @@ def free_port() -> int:
 def rank_env(rank: int, world: int, port: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     env.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra,
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        **extra,
     )
     return env
 
@@ -39,8 +45,11 @@ def start_ranks(args: list[str], world: int, log_dir: Path) -> list[subprocess.P
         out = open(log_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - owned by the process
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "pretrain", *args], cwd=REPO, env=rank_env(rank, world, port),
-                stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "pretrain", *args],
+                cwd=REPO,
+                env=rank_env(rank, world, port),
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         )
     return procs
@@ -83,16 +92,34 @@ def make_image_folder(root: Path, count: int, size: int = 48, seed: int = 0) -> 
 def tiny_overrides(run_dir: Path, data: Path, **extra: object) -> list[str]:
     """A very small SimMIM config (img 32, 4 stages, 1 block each) on an image folder, fp32 on CPU."""
     values: dict[str, object] = {
-        "model.size": "tiny", "model.embed_dim": 16, "model.depths": "[1,1,1,1]", "model.num_heads": "[1,1,2,2]",
-        "model.img_size": 32, "model.window_size": 4, "model.drop_path_rate": 0.0,
-        "simmim.mask_patch_size": 8, "simmim.norm_target_patch_size": 7,
-        "data.source": "folder", "data.path": str(data), "data.batch_size": 4, "data.num_workers": 0,
-        "optimizer.base_lr": 2e-4, "optimizer.lr_reference_batch": 0, "schedule.name": "cosine",
-        "schedule.epochs": 5, "schedule.warmup_epochs": 1,
-        "training.output_dir": str(run_dir), "training.precision": "fp32", "training.device": "cpu",
-        "distributed.zero_stage": 0, "distributed.timeout_minutes": 2,
-        "checkpoint.every_steps": 1000, "logging.log_every": 1, "logging.image_every": 0,
-        "logging.progress_bar": False, "logging.tensorboard": False,
+        "model.size": "tiny",
+        "model.embed_dim": 16,
+        "model.depths": "[1,1,1,1]",
+        "model.num_heads": "[1,1,2,2]",
+        "model.img_size": 32,
+        "model.window_size": 4,
+        "model.drop_path_rate": 0.0,
+        "simmim.mask_patch_size": 8,
+        "simmim.norm_target_patch_size": 7,
+        "data.source": "folder",
+        "data.path": str(data),
+        "data.batch_size": 4,
+        "data.num_workers": 0,
+        "optimizer.base_lr": 2e-4,
+        "optimizer.lr_reference_batch": 0,
+        "schedule.name": "cosine",
+        "schedule.epochs": 5,
+        "schedule.warmup_epochs": 1,
+        "training.output_dir": str(run_dir),
+        "training.precision": "fp32",
+        "training.device": "cpu",
+        "distributed.zero_stage": 0,
+        "distributed.timeout_minutes": 2,
+        "checkpoint.every_steps": 1000,
+        "logging.log_every": 1,
+        "logging.image_every": 0,
+        "logging.progress_bar": False,
+        "logging.tensorboard": False,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
