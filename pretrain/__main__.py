@@ -38,13 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch error: {exc}", file=sys.stderr, flush=True)
         return 2
     os.environ.setdefault("PYTHONFAULTHANDLER", "1")
-    from .train import run
+    from .train import NonFiniteLossError, run
 
     try:
         return run(cfg, launch)
     except (DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

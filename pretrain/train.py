@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import signal
 import sys
 import time
@@ -82,13 +83,15 @@ def _resume_target(cfg: PretrainConfig, ckpt_dir: Path, world_size: int) -> tupl
             raise CheckpointError(f"checkpoint.resume={choice!r} is not a checkpoint directory")
     universal = target.with_name(target.name + "_universal")
     meta = read_marker(target)
-    if meta["world_size"] != world_size and meta["zero_stage"] == 3:
+    # ZeRO stages 1-3 partition the optimizer state by rank: DeepSpeed 0.19 reloads them only at the world size
+    # they were saved with (checked: it raises for ZeRO-2 as for ZeRO-3). The universal format is world-size free.
+    if meta["world_size"] != world_size and meta["zero_stage"] >= 1:
         if universal.is_dir():
             return universal, True
         raise CheckpointError(
-            f"{target} was saved by ZeRO-3 at world size {meta['world_size']}, this run has {world_size}: ZeRO-3 "
-            f"partitions cannot be reloaded at another world size. Convert it first with "
-            f"`python -m pretrain.convert universal {target}` (writes {universal.name}, used automatically), "
+            f"{target} was saved by ZeRO-{meta['zero_stage']} at world size {meta['world_size']}, this run has "
+            f"{world_size}: partitioned optimizer state cannot be reloaded at another world size. Convert it first "
+            f"with `python -m pretrain.convert universal {target}` (writes {universal.name}, used automatically), "
             f"or resume with {meta['world_size']} processes"
         )
     return target, False
@@ -239,6 +242,8 @@ def run(cfg: PretrainConfig, launch: LaunchEnv) -> int:
                         scalars["loss_scale"] = float(getattr(engine.optimizer, "cur_scale", float("nan")))
                     if device.type == "cuda":
                         scalars["memory_max_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    else:  # peak resident memory of this process (ru_maxrss is in KiB on Linux)
+                        scalars["memory_max_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                     metrics.log(step, scalars)
                     window_loss = window_count = 0.0
                     window_images = 0

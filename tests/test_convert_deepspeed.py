@@ -17,6 +17,7 @@ import torch
 
 from pretrain import convert
 from pretrain.formats import load_weights_file
+from tests.helpers.launch import rank_env
 
 pytestmark = pytest.mark.slow
 
@@ -152,17 +153,7 @@ def _run_ranks(argv: list[str], world: int) -> list[str]:
     port = _free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ)
-        env.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            DS_ACCELERATOR="cpu",
-        )
+        env = rank_env(rank, world, port, LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
         procs.append(
             subprocess.Popen(
                 [sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -109,29 +109,19 @@ def _check_run(run_dir: Path, proc: subprocess.CompletedProcess, world: int) -> 
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes(tmp_path: Path, images: Path) -> None:
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
+def test_launch_scripts_two_local_processes(script: str, tmp_path: Path, images: Path) -> None:
+    """launch/torchrun.sh and launch/deepspeed.sh (which passes --local_rank) each run 2 ZeRO-2 steps, 2 processes."""
     args = tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 2, "distributed.zero_stage": 2})
+    env = {
+        **_clean_env(),
+        "NPROC": "2",
+        "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "DEEPSPEED": str(BIN / "deepspeed"),
+    }
     proc = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "pretrain", *args],
-        cwd=REPO,
-        env=_clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    _check_run(tmp_path / "run", proc, 2)
-
-
-@pytest.mark.slow
-def test_deepspeed_launcher_two_processes(tmp_path: Path, images: Path) -> None:
-    args = tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 2, "distributed.zero_stage": 2})
-    proc = subprocess.run(
-        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain", *args],
-        cwd=REPO,
-        env=_clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ["bash", str(REPO / "launch" / script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     _check_run(tmp_path / "run", proc, 2)
 
@@ -142,24 +132,17 @@ def test_two_torchrun_nodes_on_loopback(tmp_path: Path, images: Path) -> None:
     port = str(free_port())
     procs = [
         subprocess.Popen(
-            [
-                str(BIN / "torchrun"),
-                "--nnodes",
-                "2",
-                "--node_rank",
-                str(node),
-                "--nproc_per_node",
-                "1",
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-                "-m",
-                "pretrain",
-                *args,
-            ],
+            ["bash", str(REPO / "launch" / "torchrun.sh"), *args],
             cwd=REPO,
-            env=_clean_env(),
+            env={
+                **_clean_env(),
+                "NNODES": "2",
+                "NODE_RANK": str(node),
+                "NPROC": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "PYTHON": sys.executable,
+            },
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -51,17 +51,18 @@ def _schedule(overrides: list[str], steps_per_epoch: int = 10) -> tuple[LRSchedu
     return LRSchedule(optimizer, cfg, 1, steps_per_epoch), optimizer
 
 
+MULTISTEP = [
+    "schedule.name=multistep",
+    "schedule.epochs=10",
+    "schedule.warmup_epochs=2",
+    "schedule.milestones=[7]",
+    "optimizer.base_lr=1e-3",
+    "optimizer.warmup_lr=1e-5",
+]
+
+
 def test_warmup_then_multistep_per_iteration_and_lr_scale_once() -> None:
-    schedule, optimizer = _schedule(
-        [
-            "schedule.name=multistep",
-            "schedule.epochs=10",
-            "schedule.warmup_epochs=2",
-            "schedule.milestones=[7]",
-            "optimizer.base_lr=1e-3",
-            "optimizer.warmup_lr=1e-5",
-        ]
-    )
+    schedule, optimizer = _schedule(MULTISTEP)
     assert schedule.lr_at(0) == pytest.approx(1e-5)
     assert schedule.lr_at(10) == pytest.approx(1e-5 + 10 * (1e-3 - 1e-5) / 20)
     assert schedule.lr_at(20) == pytest.approx(1e-3)
@@ -70,16 +71,7 @@ def test_warmup_then_multistep_per_iteration_and_lr_scale_once() -> None:
         schedule.step()
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 0.5e-3])
     state = schedule.state_dict()
-    fresh, fresh_opt = _schedule(
-        [
-            "schedule.name=multistep",
-            "schedule.epochs=10",
-            "schedule.warmup_epochs=2",
-            "schedule.milestones=[7]",
-            "optimizer.base_lr=1e-3",
-            "optimizer.warmup_lr=1e-5",
-        ]
-    )
+    fresh, fresh_opt = _schedule(MULTISTEP)
     fresh.load_state_dict(state)
     assert [g["lr"] for g in fresh_opt.param_groups] == pytest.approx([1e-3, 0.5e-3])
 

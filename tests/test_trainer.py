@@ -201,3 +201,48 @@ def test_zero3_holds_half_of_parameters_and_optimizer_state_per_rank(tmp_path: P
         assert abs(report["params"] - full / 2) / full < 0.01, report
         assert abs(report["state"] - full) / full < 0.02, report  # exp_avg + exp_avg_sq of half the parameters
     assert sum(r["params"] for r in reports) >= full
+
+
+def test_zero2_resume_at_another_world_size_goes_through_universal(tmp_path: Path, images: Path) -> None:
+    run_dir = tmp_path / "elastic"
+    saved = run_ranks(
+        tiny_overrides(run_dir, images, **{"training.max_steps": 2, "distributed.zero_stage": 2}), 2, tmp_path / "l1"
+    )
+    assert saved == [0, 0]
+    single = tiny_overrides(
+        run_dir, images, **{"training.max_steps": 4, "distributed.zero_stage": 2, "data.batch_size": 8}
+    )
+    assert run_ranks(single, 1, tmp_path / "l2") == [2]
+    message = log_text(tmp_path / "l2")
+    assert "saved by ZeRO-2 at world size 2, this run has 1" in message
+    assert f"python -m pretrain.convert universal {run_dir / 'checkpoints' / 'step-2'}" in message
+    convert = subprocess.run(
+        [sys.executable, "-m", "pretrain.convert", "universal", str(run_dir / "checkpoints" / "step-2")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert convert.returncode == 0, convert.stderr[-2000:]
+    assert run_ranks(single, 1, tmp_path / "l3") == [0], log_text(tmp_path / "l3")
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-2_universal'} at step=2" in log_text(tmp_path / "l3")
+    assert sorted(losses(run_dir))[-2:] == [3, 4]
+
+
+def test_non_finite_losses_are_skipped_then_stop(tmp_path: Path, images: Path) -> None:
+    # An absurd learning rate drives the weights to inf after the first step, so every later loss is non-finite.
+    run_dir = tmp_path / "nan"
+    args = tiny_overrides(
+        run_dir,
+        images,
+        **{
+            "training.max_steps": 50,
+            "optimizer.base_lr": 1e30,
+            "optimizer.clip_grad": 0,
+            "training.max_nonfinite_steps": 3,
+        },
+    )
+    assert run_ranks(args, 1, tmp_path / "nan-logs") == [1]
+    text = log_text(tmp_path / "nan-logs")
+    assert "non-finite loss at step=" in text and "(1 in a row, 1 in total)" in text
+    assert "3 non-finite losses in a row (training.max_nonfinite_steps=3); stopping" in text
