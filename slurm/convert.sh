@@ -16,7 +16,7 @@
 #SBATCH --error=logs/%x-%j.out
 set -euo pipefail
 run_dir="${1:?usage: convert.sh RUN_DIR}"
-PYTHON="${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}"
+PYTHON="${PYTHON:-python}"  # e.g. PYTHON=/path/to/.venv/bin/python
 latest=$(find "$run_dir/checkpoints" -mindepth 2 -maxdepth 2 -name COMPLETE -printf '%h\n' 2>/dev/null \
     | sed -E 's/.*step-([0-9]+)$/\1 &/' | sort -n | tail -n 1 | cut -d' ' -f2)
 if [[ -z "$latest" ]]; then

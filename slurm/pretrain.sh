@@ -7,7 +7,9 @@
 #
 # Every #SBATCH line below is a default; override it on the sbatch command line, e.g.
 #   sbatch --nodes=4 --time=2-00:00:00 --partition=gpu --account=myproj slurm/pretrain.sh --config ...
-# Environment knobs: CONFIG, PYTHON (interpreter with the project installed; default .venv/bin/python),
+# Environment knobs: CONFIG, PYTHON (interpreter with the project installed, e.g. /path/to/.venv/bin/python; default
+#   `python` on PATH), GPUS_PER_NODE (default: what SLURM allocated, 0 on a CPU-only cluster: submit with
+#   --gpus-per-node=0 there),
 #   MAX_RESTARTS (requeues allowed in total, default 20), REQUEUE_ON_CRASH (1: requeue a crashed run too, within
 #   MAX_RESTARTS; default 0), NCCL_DEBUG, EXTRA_SRUN_ARGS.
 #
@@ -49,7 +51,7 @@ if [[ ! " ${args[*]} " =~ " --config " ]]; then
     say "no config given: pass --config FILE or set CONFIG=FILE"
     exit $EXIT_CONFIG
 fi
-PYTHON="${PYTHON:-$([[ -x .venv/bin/python ]] && echo "$PWD/.venv/bin/python" || echo python)}"
+PYTHON="${PYTHON:-python}"
 MAX_RESTARTS="${MAX_RESTARTS:-20}"
 REQUEUE_ON_CRASH="${REQUEUE_ON_CRASH:-0}"
 restarts="${SLURM_RESTART_COUNT:-0}"
@@ -61,7 +63,7 @@ export MASTER_ADDR
 export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export PYTHONFAULTHANDLER=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
-gpus="${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}"
+gpus="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}}"
 if [[ "$gpus" != "0" && -n "$gpus" ]]; then
     # NCCL: fail fast on collective errors and dump the flight recorder on timeouts instead of hanging.
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=3
@@ -102,7 +104,10 @@ requeue() {
         exit "$1"
     fi
     say "requeueing job $SLURM_JOB_ID ($2); it resumes from the newest complete checkpoint"
-    scontrol requeue "$SLURM_JOB_ID"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        say "scontrol requeue failed (job cancelled, or submitted without --requeue?): resubmit to resume"
+        exit "$1"
+    fi
     exit 0
 }
 

@@ -3,8 +3,13 @@
 #   mkdir -p logs && sbatch slurm/pretrain_deepspeed.sh --config configs/simmim_swinv2_base_192_w12.yaml [key=value ...]
 # One batch task writes a hostfile for the allocation (launch/hostfile_from_slurm.sh) and runs `deepspeed --hostfile`,
 # which starts the processes on every node over passwordless ssh (pdsh). Without ssh between nodes use
-# slurm/pretrain.sh (srun) instead. Requeue-on-preemption works as in slurm/pretrain.sh: USR1 is forwarded to the
-# launcher, which passes it on to its processes; the trainer saves and exits 75, and the job is requeued.
+# slurm/pretrain.sh (srun) instead. Requeue-on-preemption works as in slurm/pretrain.sh, with one difference: the
+# deepspeed launcher does not pass USR1 on (USR1 would end it), so this shell signals the training processes that the
+# launcher started on this node (found by walking the launcher's process tree from its pid). That is enough: the
+# trainer shares the flag with every rank through a collective at the next step boundary, all ranks save a complete
+# checkpoint and exit 75, and the job is requeued.
+# Environment: CONFIG, DEEPSPEED (launcher executable, default `deepspeed` on PATH), SLOTS_PER_NODE (processes per
+# node, default the GPUs SLURM allocated), MAX_RESTARTS (default 20).
 #
 #SBATCH --job-name=swinv2-simmim-ds
 #SBATCH --nodes=2
@@ -25,12 +30,40 @@ args=("$@")
 slots="${SLOTS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
 hostfile="logs/hostfile-$SLURM_JOB_ID"
 mkdir -p logs
-bash "$(dirname "$(readlink -f "$0")")/../launch/hostfile_from_slurm.sh" "$hostfile" "$slots"
+# sbatch runs a copy of this script from its spool directory, so the repository is the job's working directory
+# (where sbatch was called, or --chdir), not this file's directory.
+if ! bash launch/hostfile_from_slurm.sh "$hostfile" "$slots"; then
+    say "could not write the hostfile with launch/hostfile_from_slurm.sh: submit from the repository root (or --chdir)"
+    exit 2
+fi
 master="$(head -n 1 "$hostfile" | cut -d' ' -f1)"
-DEEPSPEED="${DEEPSPEED:-$([[ -x .venv/bin/deepspeed ]] && echo .venv/bin/deepspeed || echo deepspeed)}"
+DEEPSPEED="${DEEPSPEED:-deepspeed}"
 say "deepspeed launcher: $(wc -l < "$hostfile") nodes x $slots processes, master $master"
-trap 'say "received USR1: forwarding"; kill -USR1 "$pid" 2>/dev/null' USR1
-trap 'say "received TERM: forwarding as USR1"; kill -USR1 "$pid" 2>/dev/null' TERM
+# The launcher's descendants that run `-m pretrain` (the ranks on this node), by pid.
+trainer_pids() {
+    local queue=("$1") found=() p child
+    while ((${#queue[@]})); do
+        p="${queue[0]}"; queue=("${queue[@]:1}")
+        for child in $(pgrep -P "$p"); do
+            if tr '\0' ' ' < "/proc/$child/cmdline" 2>/dev/null | grep -q -- '-m pretrain'; then
+                found+=("$child")
+            else
+                queue+=("$child")
+            fi
+        done
+    done
+    echo "${found[@]}"
+}
+forward() {
+    local pids
+    pids="$(trainer_pids "$pid")"
+    say "received SIG$1: sending USR1 to the training processes on this node (${pids:-none found}); every rank saves" \
+        "a checkpoint at the next step boundary"
+    # shellcheck disable=SC2086
+    [[ -n "$pids" ]] && kill -USR1 $pids 2>/dev/null
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
 "$DEEPSPEED" --hostfile "$hostfile" --master_addr "$master" --master_port $((20000 + SLURM_JOB_ID % 20000)) \
     --module pretrain "${args[@]}" &
 pid=$!
@@ -38,9 +71,13 @@ while true; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done
 case "$rc" in
     0) say "training finished; not requeued" ;;
     75) if (( ${SLURM_RESTART_COUNT:-0} < ${MAX_RESTARTS:-20} )); then
-            say "checkpoint saved after preemption: requeueing"; scontrol requeue "$SLURM_JOB_ID"; exit 0
-        fi
-        say "not requeued: MAX_RESTARTS reached" ;;
-    *) say "exit code $rc; not requeued" ;;
+            say "checkpoint saved after preemption: requeueing job $SLURM_JOB_ID; it resumes from that checkpoint"
+            scontrol requeue "$SLURM_JOB_ID" && exit 0
+            say "scontrol requeue failed (job cancelled, or submitted without --requeue?): resubmit to resume"
+        else
+            say "not requeued: ${SLURM_RESTART_COUNT:-0} restarts already (MAX_RESTARTS=${MAX_RESTARTS:-20})"
+        fi ;;
+    2) say "configuration or data error (exit 2, message above); not requeued" ;;
+    *) say "training failed with exit code $rc; not requeued" ;;
 esac
 exit "$rc"

@@ -53,13 +53,25 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"), 32)
 
 
+# Work dirs of the clusters that are up, so that one shape can be stopped before the other starts.
+_RUNNING: list[Path] = []
+
+
 @pytest.fixture(scope="module")
 def one_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     workdir = tmp_path_factory.mktemp("slurm1")
+    _RUNNING.append(workdir)
     try:
         yield _start_cluster(workdir, 1)
     finally:
-        _stop_cluster(workdir)
+        _stop_cluster(workdir)  # idempotent: a no-op when stop_other_clusters already stopped it
+
+
+@pytest.fixture(scope="class")
+def stop_other_clusters() -> None:
+    """Stop the one-node cluster, if it is up, so both shapes never share the 2 cores."""
+    while _RUNNING:
+        _stop_cluster(_RUNNING.pop())
 
 
 def _sbatch(env: dict[str, str], log: Path, sbatch_args: list[str], job_args: list[str], wait: bool = False) -> str:
@@ -107,9 +119,34 @@ def test_one_node_two_tasks_trains_and_checkpoints(one_node: dict[str, str], ima
         *tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 3, "distributed.zero_stage": 2}),
     ]
     job_id = _sbatch(one_node, log, ["--nodes=1", "--ntasks-per-node=2"], job_args)
+    # The conversion runs as a dependent job, as the README recommends.
+    convert_log = tmp_path / "convert.out"
+    convert = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--dependency=afterok:{job_id}",
+            f"--output={convert_log}",
+            f"--error={convert_log}",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--chdir={REPO}",
+            str(REPO / "slurm" / "convert.sh"),
+            str(tmp_path / "run"),
+        ],
+        env=one_node,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert convert.returncode == 0, convert.stderr
     info = _wait_state(one_node, job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text[-3000:]
+    convert_info = _wait_state(one_node, convert.stdout.strip().split(";")[0], ("COMPLETED", "FAILED", "CANCELLED"))
+    assert convert_info["JobState"] == "COMPLETED", convert_log.read_text()[-3000:]
+    assert (tmp_path / "run" / "export" / "simmim-step-3.safetensors").is_file()
+    assert (tmp_path / "run" / "export" / "backbone-step-3.safetensors").is_file()
     assert "rank=0 local_rank=0 world_size=2 nodes=1" in text and "rank=1 local_rank=1 world_size=2 nodes=1" in text
     assert "launcher=slurm" in text and "step=3/3" in text
     assert "training finished (exit 0); not requeued" in text
@@ -165,25 +202,77 @@ def test_bad_config_fails_fast_and_is_not_requeued(one_node: dict[str, str], tmp
     assert "configuration or data error (exit 2, message above); not requeued" in text
 
 
-def test_two_nodes_one_task_each(images: Path, tmp_path_factory: pytest.TempPathFactory, one_node: dict) -> None:
-    # The two-node cluster replaces the one-node cluster (module fixture torn down first would be cleaner; the
-    # one-node fixture is requested so pytest orders this test last within the module).
-    workdir = tmp_path_factory.mktemp("slurm2")
-    _stop_cluster(Path(one_node["SLURM_CONF"]).parent)
-    env = _start_cluster(workdir, 2)
+def test_deepspeed_launcher_preemption_saves_and_requeues(
+    one_node: dict[str, str], images: Path, tmp_path: Path
+) -> None:
+    """slurm/pretrain_deepspeed.sh: hostfile from the allocation, 2 ranks by the launcher; USR1 reaches them."""
+    log = tmp_path / "job.out"
+    env = {**one_node, "SLOTS_PER_NODE": "2", "DEEPSPEED": str(Path(PYTHON).parent / "deepspeed")}
+    job_args = [
+        "--config",
+        "configs/demo_cpu.yaml",
+        *tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 60, "distributed.zero_stage": 2}),
+    ]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--output={log}",
+        f"--error={log}",
+        "--gpus-per-node=0",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=2",
+        "--time=15",
+        f"--chdir={REPO}",
+        str(REPO / "slurm" / "pretrain_deepspeed.sh"),
+        *job_args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
     try:
-        tmp = tmp_path_factory.mktemp("two-nodes")
-        log = tmp / "job.out"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (log.exists() and "step=3/" in log.read_text()):
+            time.sleep(0.3)
+        assert "step=3/" in log.read_text(), log.read_text()[-3000:]
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=one_node, check=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and "requeueing job" not in log.read_text():
+            time.sleep(0.3)
+        text = log.read_text()
+        assert "hostfile" in text and "1 nodes x 2 processes" in text, text[-3000:]
+        assert "rank=1 local_rank=1 world_size=2 nodes=1" in text, text[-3000:]
+        assert "received SIGUSR1: sending USR1 to the training processes on this node" in text, text[-3000:]
+        saved = int(re.search(r"complete checkpoint saved at step=(\d+)", text).group(1))
+        assert (tmp_path / "run" / "checkpoints" / f"step-{saved}" / "COMPLETE").is_file()
+        assert f"requeueing job {job_id}" in text
+        assert _job(one_node, job_id).get("Restarts") == "1"
+    finally:
+        subprocess.run(["scancel", job_id], env=one_node, capture_output=True)
+
+
+@pytest.fixture(scope="class")
+def two_nodes(stop_other_clusters: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    workdir = tmp_path_factory.mktemp("slurm2")
+    try:
+        yield _start_cluster(workdir, 2)
+    finally:
+        _stop_cluster(workdir)
+
+
+class TestTwoNodes:
+    """Runs after the one-node tests; the one-node cluster is stopped first so both never share the 2 cores."""
+
+    def test_two_nodes_one_task_each(self, images: Path, tmp_path: Path, two_nodes: dict[str, str]) -> None:
+        log = tmp_path / "job.out"
         job_args = [
             "--config",
             "configs/demo_cpu.yaml",
-            *tiny_overrides(tmp / "run", images, **{"training.max_steps": 3, "distributed.zero_stage": 2}),
+            *tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 3, "distributed.zero_stage": 2}),
         ]
-        _sbatch(env, log, ["--nodes=2", "--ntasks-per-node=1"], job_args, wait=True)
+        _sbatch(two_nodes, log, ["--nodes=2", "--ntasks-per-node=1"], job_args, wait=True)
         text = log.read_text()
         assert "rank=0 local_rank=0 world_size=2 nodes=2 host=n1" in text, text[-3000:]
         assert "rank=1 local_rank=0 world_size=2 nodes=2 host=n2" in text
         assert "master=n1:" in text and "step=3/3" in text and "not requeued" in text
-        assert (tmp / "run" / "checkpoints" / "step-3" / "COMPLETE").is_file()
-    finally:
-        _stop_cluster(workdir)
+        assert (tmp_path / "run" / "checkpoints" / "step-3" / "COMPLETE").is_file()
