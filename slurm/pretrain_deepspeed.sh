@@ -64,7 +64,13 @@ forward() {
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
-"$DEEPSPEED" --hostfile "$hostfile" --master_addr "$master" --master_port $((20000 + SLURM_JOB_ID % 20000)) \
+if (( $(wc -l < "$hostfile") > 1 )); then
+    where=(--hostfile "$hostfile")
+else
+    # One node: the launcher would insist on ssh to a hostfile's single host, so start the processes locally.
+    where=(--num_gpus "$slots")
+fi
+"$DEEPSPEED" "${where[@]}" --master_addr "$master" --master_port $((20000 + SLURM_JOB_ID % 20000)) \
     --module pretrain "${args[@]}" &
 pid=$!
 while true; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done
