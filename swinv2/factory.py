@@ -43,30 +43,34 @@ def parse_checkpointing(spec: str) -> dict[str, Any]:
     """Turn an activation-checkpointing spec into ``SwinTransformerV2.set_grad_checkpointing`` keyword arguments.
 
     Args:
-        spec: "none", "all", "every:K" (every K-th block over the whole network, K >= 1) or "stages:I,J" (all blocks
-            of the listed stages).
+        spec: "none", "all", "every:K" (every K-th block over the whole network, K >= 1), "stages:I,J" (all blocks
+            of the listed stages), or both selections joined by "+" ("every:2+stages:2,3": every 2nd block, counted
+            over the network, among the blocks of stages 2 and 3).
 
     Returns:
         e.g. {"enable": True, "every": 2} for "every:2".
     """
-    accepted = 'accepted: "none", "all", "every:K" (K >= 1), "stages:I,J" (stage indices)'
+    accepted = 'accepted: "none", "all", "every:K" (K >= 1), "stages:I,J" (stage indices), or "every:K+stages:I,J"'
     text = str(spec).strip().lower()
     if text in ("none", "off", ""):
         return {"enable": False}
     if text == "all":
         return {"enable": True}
-    kind, _, value = text.partition(":")
-    try:
-        if kind == "every":
-            every = int(value)
-            if every < 1:
-                raise ValueError
-            return {"enable": True, "every": every}
-        if kind == "stages":
-            stages = [int(v) for v in value.split(",") if v.strip()]
-            if not stages or any(s < 0 for s in stages):
-                raise ValueError
-            return {"enable": True, "stages": stages}
-    except ValueError:
-        pass
-    raise ValueError(f"activation checkpointing spec {spec!r} not understood; {accepted}")
+    result: dict[str, Any] = {"enable": True}
+    for part in text.split("+"):
+        kind, _, value = part.strip().partition(":")
+        try:
+            if kind == "every" and "every" not in result:
+                result["every"] = int(value)
+                if result["every"] < 1:
+                    raise ValueError
+                continue
+            if kind == "stages" and "stages" not in result:
+                result["stages"] = [int(v) for v in value.split(",") if v.strip()]
+                if not result["stages"] or any(s < 0 for s in result["stages"]):
+                    raise ValueError
+                continue
+        except ValueError:
+            pass
+        raise ValueError(f"activation checkpointing spec {spec!r} not understood; {accepted}")
+    return result

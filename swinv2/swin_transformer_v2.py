@@ -212,6 +212,58 @@ class _PermuteTokens(torch.autograd.Function):
         return grad.index_select(1, inv_perm), None, None
 
 
+class _CosineQKV(torch.autograd.Function):
+    """Split qkv into heads and windows, L2-normalise q and k, and scale q by the per-head logit scale.
+
+    qkv (B, nW*N, 3C) -> q, k, v, each (B, nW*nH, N, hd) and contiguous, with q = s * q / |q| and k = k / |k|
+    (|x| clamped at 1e-12 as F.normalize does). Composed from autograd ops this takes a reshape copy per tensor in
+    forward, and in backward the norm, the scale product, the unbind (a stack) and the un-permute each make a full
+    pass over q/k; here the forward writes the head-folded layout directly and the backward writes each gradient
+    once, into the qkv-shaped result: dx = f * g - y * (<g, y> * f / s^2), with f = s / |x| and y the output.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qkv: torch.Tensor, scale: torch.Tensor, windows: int, heads: int) -> tuple[torch.Tensor, ...]:
+        b, length, c3 = qkv.shape
+        n, hd = length // windows, c3 // (3 * heads)
+        q, k, v = qkv.view(b, windows, n, 3, heads, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, nH, N, hd)
+        # Norms and factors in float32 whatever the activation dtype (bf16/fp16 rounding of |x| would be scaled by
+        # up to 100 through the logit scale).
+        dtype = torch.promote_types(qkv.dtype, torch.float32)
+        q_factor = scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=dtype).clamp_min(1e-12)
+        k_factor = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=dtype).clamp_min(1e-12).reciprocal()
+        if torch.compiler.is_compiling():
+            # The compiler fuses the product and the layout change itself (and does not keep out= strides).
+            q_out, k_out = (q * q_factor.to(q.dtype)).contiguous(), (k * k_factor.to(k.dtype)).contiguous()
+        else:
+            shape = (b, windows, heads, n, hd)
+            q_out = torch.mul(q, q_factor.to(q.dtype), out=qkv.new_empty(shape))
+            k_out = torch.mul(k, k_factor.to(k.dtype), out=qkv.new_empty(shape))
+        v_out = v.contiguous()
+        ctx.save_for_backward(q_out, k_out, q_factor, k_factor, scale)
+        folded = (b, windows * heads, n, hd)
+        return q_out.reshape(folded), k_out.reshape(folded), v_out.reshape(folded)
+
+    @staticmethod
+    def backward(ctx: Any, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q_out, k_out, q_factor, k_factor, scale = ctx.saved_tensors
+        b, windows, heads, n, hd = q_out.shape
+        grad = q_out.new_empty((b, windows, n, 3, heads, hd))
+        slots = grad.permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, nH, N, hd) views into the qkv-shaped gradient
+        grad_scale = None
+        for slot, g, y, factor, s in ((0, gq, q_out, q_factor, scale), (1, gk, k_out, k_factor, None)):
+            g = g.reshape(y.shape)
+            dot = (g * y).sum(dim=-1, keepdim=True, dtype=factor.dtype)  # <g, y>
+            s2 = s * s if s is not None else 1.0
+            torch.mul(g, factor.to(g.dtype), out=slots[slot])
+            slots[slot].addcmul_(y, (dot * factor / s2).to(y.dtype), value=-1.0)
+            if s is not None and ctx.needs_input_grad[1]:
+                # d/ds of s * u is u: sum <g, u> = <g, y> / s over everything but the head axis.
+                grad_scale = (dot / s).sum(dim=(0, 1, 3)).view_as(s).to(s.dtype)
+        slots[2].copy_(gv.reshape(slots[2].shape))
+        return grad.view(b, windows * n, 3 * heads * hd), grad_scale, None, None
+
+
 def relative_coords_table(
     window_size: tuple[int, int], pretrained_window_size: tuple[int, int], device: torch.device | str | None = None
 ) -> torch.Tensor:
@@ -313,7 +365,9 @@ class WindowAttention(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise ValueError(
+                f"dim {dim} is not divisible by num_heads {num_heads}; head counts that divide it: {_divisors(dim)}"
+            )
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={attn_impl!r}; accepted: {', '.join(ATTN_IMPLS)}")
         if window_chunk_size < 0:
@@ -400,16 +454,41 @@ class WindowAttention(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
         return choose_attn_impl(x.device.type, dtype)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, impl: str) -> torch.Tensor:
-        """Attention of (B, nW*nH, N, hd) tensors with an additive (nW*nH, N, N) bias; q is already cos-scaled."""
+    def _core(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos_bias: torch.Tensor,
+        mask: torch.Tensor | None,
+        impl: str,
+    ) -> torch.Tensor:
+        """Attention of (B, nW*nH, N, hd) tensors (q already cos-scaled) over nW windows.
+
+        ``pos_bias`` is the (nH, N, N) position bias, ``mask`` the (nW, N, N) shift mask of these windows or None.
+        Their sum is formed here, per call, so that a chunked caller never holds more than one chunk's bias.
+        """
+        b, heads, n, _ = q.shape
+        nh = pos_bias.shape[0]
+        bias = None
+        if mask is not None:
+            bias = (pos_bias.unsqueeze(0) + mask.unsqueeze(1).to(pos_bias.dtype)).flatten(0, 1)  # (nW*nH, N, N)
         if impl == "sdpa":
+            if bias is None:
+                bias = pos_bias.repeat(heads // nh, 1, 1)
             p = self.attn_drop.p if self.training else 0.0
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=1.0)
+        if bias is None:
+            # Without a mask the (nH, N, N) bias broadcasts over the windows: nothing of size nW*nH*N*N is built.
+            # The logits are made 5-D by the matmul itself: an in-place add on a *view* of them would make autograd
+            # copy the N x N gradient three times (CopySlices) in backward.
+            q, k = q.view(b, heads // nh, nh, n, -1), k.view(b, heads // nh, nh, n, -1)
+            bias = pos_bias
         attn = q @ k.transpose(-2, -1)
         # In place when the dtypes agree (fp32): the matmul output is not saved for backward, so this skips one
-        # (B, nW*nH, N, N) allocation. Under autocast the sum must stay float32 (bias precision), so out of place.
+        # N x N allocation. Under autocast the sum must stay float32 (bias precision), so out of place.
         attn = attn.add_(bias) if attn.dtype == bias.dtype else attn + bias
-        attn = attn.softmax(dim=-1)
+        attn = attn.view(b, heads, n, n).softmax(dim=-1)
         attn = self.attn_drop(attn)
         return attn.to(v.dtype) @ v
 
@@ -431,36 +510,20 @@ class WindowAttention(nn.Module):
         if self.q_bias is not None:
             bias_qkv = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = self.qkv(x, bias_qkv)
-        # (B, nW, N, 3, nH, hd) -> (3, B, nW, nH, N, hd); windows folded into heads below.
-        qkv = qkv.view(b, nw, n, 3, nh, c // nh).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.unbind(0)
+        # Cosine attention with the logit scale folded into q's inverse norm: one multiply of q (N x hd) by a
+        # (N x 1) factor instead of dividing q and then scaling the N x N logits.
         logit_scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
-        # Cosine attention as F.normalize (x / max(|x|, 1e-12)), with the logit scale folded into q's inverse norm:
-        # one multiply of q (N x hd) by a (N x 1) factor instead of dividing q and then scaling the N x N logits.
-        # The factors are cast to q's dtype so that, under autocast, q and k stay in the matmul dtype instead of
-        # being promoted to float32 and cast back (two full copies each).
-        q_factor = logit_scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
-        k_factor = 1.0 / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
-        q = q * q_factor.to(q.dtype)
-        k = k * k_factor.to(k.dtype)
-        q = q.reshape(b, nw * nh, n, -1)
-        k = k.reshape(b, nw * nh, n, -1)
-        v = v.reshape(b, nw * nh, n, -1)
-
-        bias = self.position_bias().unsqueeze(0)  # (1, nH, N, N)
-        if mask is not None:
-            bias = bias + mask.unsqueeze(1).to(bias.dtype)  # (nW, nH, N, N)
-            bias = bias.reshape(nw * nh, n, n)
-        else:
-            bias = bias.expand(nw, nh, n, n).reshape(nw * nh, n, n)
-
+        q, k, v = _CosineQKV.apply(qkv, logit_scale, nw, nh)
+        pos_bias = self.position_bias()  # (nH, N, N) float32
         impl = self._impl_for(x)
         chunk = self.window_chunk_size
         if chunk and chunk < nw:
             outs = []
             for start in range(0, nw, chunk):
-                sl = slice(start * nh, min(start + chunk, nw) * nh)
-                args = (q[:, sl], k[:, sl], v[:, sl], bias[sl], impl)
+                windows = slice(start, min(start + chunk, nw))
+                heads = slice(windows.start * nh, windows.stop * nh)
+                chunk_mask = mask[windows] if mask is not None else None
+                args = (q[:, heads], k[:, heads], v[:, heads], pos_bias, chunk_mask, impl)
                 if torch.is_grad_enabled() and q.requires_grad:
                     # Recompute each chunk's attention in backward so only one chunk's N x N weights ever exist:
                     # the paper's sequential self-attention bounds memory in training, not only in inference.
@@ -469,7 +532,7 @@ class WindowAttention(nn.Module):
                     outs.append(self._core(*args))
             out = torch.cat(outs, dim=1)
         else:
-            out = self._core(q, k, v, bias, impl)
+            out = self._core(q, k, v, pos_bias, mask, impl)
         # (B, nW*nH, N, hd) -> (B, nW, N, nH, hd) -> (B, nW*N, C)
         out = out.view(b, nw, nh, n, -1).transpose(2, 3).reshape(b, length, c)
         return self.proj_drop(self.proj(out))
@@ -731,9 +794,10 @@ class PatchEmbed(nn.Module):
         for side, p in zip(img_size, self.patch_size, strict=True):
             if side <= 0 or side % p:
                 lower = (side // p) * p
+                nearest = f"{lower} or {lower + p}" if lower > 0 else f"{p}, {2 * p}, {3 * p}, ..."
                 raise ValueError(
-                    f"image size {img_size[0]}x{img_size[1]} is not a multiple of the patch size {p}; "
-                    f"nearest valid sizes: {max(lower, p)} or {lower + p}"
+                    f"image size {img_size[0]}x{img_size[1]} is not a positive multiple of the patch size {p}; "
+                    f"nearest valid sizes: {nearest}"
                 )
         self.img_size = img_size
         self.patches_resolution = (img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1])
@@ -772,8 +836,10 @@ class SwinTransformerV2(nn.Module):
         drop_rate: dropout rate (after patch embed, in MLPs and after attention projections).
         attn_drop_rate: attention-weight dropout rate.
         drop_path_rate: stochastic depth, linearly increasing over all blocks from 0 to this value.
+        norm_layer: accepted for the official signature; only ``nn.LayerNorm`` (what every official model uses).
         ape: learnable absolute position embedding (1, L, C0).
         patch_norm: LayerNorm after the patch projection.
+        use_checkpoint: official flag; True checkpoints every block (same as ``set_grad_checkpointing(True)``).
         pretrained_window_sizes: per stage, the window the cpb MLP was pretrained with (0 = none); used to fine-tune
             at a larger window, e.g. 192/w12 -> 256/w16 with (12, 12, 12, 6).
         extra_norm_every: the SwinV2 paper's extra LayerNorm on the main branch for H and G (section 3.4), placed after
@@ -801,8 +867,10 @@ class SwinTransformerV2(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
         ape: bool = False,
         patch_norm: bool = True,
+        use_checkpoint: bool = False,
         pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0),
         *,
         extra_norm_every: int = 0,
@@ -819,8 +887,23 @@ class SwinTransformerV2(nn.Module):
             raise ValueError(f"attn_impl={attn_impl!r}; accepted: {', '.join(ATTN_IMPLS)}")
         if extra_norm_every < 0:
             raise ValueError(f"extra_norm_every={extra_norm_every}; accepted: 0 (off) or a positive block count")
+        if norm_layer is not nn.LayerNorm:
+            raise ValueError(
+                f"norm_layer={norm_layer!r}; accepted: torch.nn.LayerNorm (res-post-norm is defined on it)"
+            )
+        if embed_dim <= 0 or any(h <= 0 for h in num_heads) or patch_size <= 0:
+            raise ValueError(
+                f"embed_dim={embed_dim}, num_heads={num_heads}, patch_size={patch_size}; accepted: positive integers"
+            )
         window_sizes = self._per_stage(window_size, "window_size")
+        if any(w <= 0 for w in window_sizes):
+            raise ValueError(f"window_size={window_size}; accepted: positive integers (one, or one per stage)")
+        if not any(pretrained_window_sizes):
+            # The all-zero default means "no pretrained window" whatever the number of stages.
+            pretrained_window_sizes = [0] * self.num_layers
         pretrained = self._per_stage(pretrained_window_sizes, "pretrained_window_sizes")
+        if any(w < 0 for w in pretrained):
+            raise ValueError(f"pretrained_window_sizes={pretrained}; accepted: 0 (none) or positive window sizes")
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.depths = depths
@@ -836,7 +919,7 @@ class SwinTransformerV2(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, patch_norm)
         self.patch_size = patch_size
         self.img_size = self.patch_embed.img_size
-        resolutions = self._stage_resolutions(self.patch_embed.patches_resolution)
+        resolutions = self._check_geometry(self.patch_embed.patches_resolution, window_sizes)
         if ape:
             self.absolute_pos_embed = nn.Parameter(torch.empty(1, self.patch_embed.num_patches, embed_dim))
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02, a=-2.0, b=2.0)
@@ -871,6 +954,8 @@ class SwinTransformerV2(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = _TruncNormalLinear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if use_checkpoint:
+            self.set_grad_checkpointing(True)
 
     # ----------------------------------------------------------------------------------------------- construction
     def _per_stage(self, value: int | Sequence[int], name: str) -> list[int]:
@@ -896,6 +981,40 @@ class SwinTransformerV2(nn.Module):
                     )
                 h, w = h // 2, w // 2
         return resolutions
+
+    def _check_geometry(self, grid: tuple[int, int], windows: Sequence[int]) -> list[tuple[int, int]]:
+        """Stage resolutions for a patch grid, after checking that every stage's windows tile it.
+
+        A failure names the stage and the windows that would fit, and suggests nearby image sizes that work with
+        the requested windows (the usual fix is the image size, not the window).
+        """
+        try:
+            resolutions = self._stage_resolutions(grid)
+            for i, resolution in enumerate(resolutions):
+                window = _to_2tuple(windows[i])
+                _window_and_shift(resolution, window, (window[0] // 2, window[1] // 2))
+            return resolutions
+        except ValueError as err:
+            side = grid[0] * self.patch_size
+            raise ValueError(
+                f"{err}. Image sizes near {side} that work with window_size={list(windows)}: "
+                f"{self._valid_sides(side, windows)}"
+            ) from None
+
+    def _valid_sides(self, near: int, windows: Sequence[int], count: int = 4) -> list[int]:
+        """The ``count`` square image sides closest to ``near`` whose stages all fit ``windows``."""
+        found = []
+        for side in sorted(range(self.patch_size, 4 * near + 1, self.patch_size), key=lambda s: (abs(s - near), s)):
+            try:
+                grid = (side // self.patch_size, side // self.patch_size)
+                for i, resolution in enumerate(self._stage_resolutions(grid)):
+                    _window_and_shift(resolution, _to_2tuple(windows[i]), (0, 0))
+            except ValueError:
+                continue
+            found.append(side)
+            if len(found) == count:
+                break
+        return sorted(found)
 
     def init_weights(self) -> None:
         """Re-apply the official initialisation to every parameter and rebuild the derived buffers.
@@ -951,13 +1070,8 @@ class SwinTransformerV2(nn.Module):
         if img_size is not None:
             self.patch_embed.set_img_size(img_size)
         try:
-            resolutions = self._stage_resolutions(self.patch_embed.patches_resolution)
-            # Validate every block before changing any, so a bad request leaves the model as it was.
-            for i, layer in enumerate(self.layers):
-                window = _to_2tuple(new_windows[i])
-                for blk in layer.blocks:
-                    shift = (window[0] // 2, window[1] // 2) if any(blk.target_shift_size) else (0, 0)
-                    _window_and_shift(resolutions[i], window, shift)
+            # Validate every stage before changing any block, so a bad request leaves the model as it was.
+            resolutions = self._check_geometry(self.patch_embed.patches_resolution, new_windows)
         except ValueError:
             self.patch_embed.set_img_size(old_img)
             raise

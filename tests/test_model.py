@@ -148,7 +148,7 @@ def test_set_input_size_equals_direct_construction():
 
 
 def test_bad_inputs_raise_value_errors_naming_sizes():
-    with pytest.raises(ValueError, match=r"190x190 is not a multiple of the patch size 4.*188 or 192"):
+    with pytest.raises(ValueError, match=r"190x190 is not a positive multiple of the patch size 4.*188 or 192"):
         create_model("tiny", img_size=190, window_size=12)
     with pytest.raises(ValueError, match=r"48x48 is not a multiple of window size 10.*\[2, 3, 4, 6, 8, 12, 16"):
         create_model("tiny", img_size=192, window_size=10)
@@ -166,6 +166,32 @@ def test_bad_inputs_raise_value_errors_naming_sizes():
         create_model("medium")
     with pytest.raises(ValueError, match="attn_impl='flash'; accepted"):
         _small(attn_impl="flash")
+    # The usual fix is the image size: the message lists nearby sizes whose every stage fits the window.
+    with pytest.raises(ValueError, match=r"320x320 is not a multiple of window size 12.*near 1280 .*\[768, 1152, 1536"):
+        create_model("tiny", img_size=1280, window_size=12)
+    with pytest.raises(ValueError, match=r"window_size=0; accepted: positive"):
+        _small(window_size=0)
+    with pytest.raises(ValueError, match=r"patch_size=0; accepted: positive"):
+        _small(patch_size=0)
+    with pytest.raises(ValueError, match=r"image size 0x0 is not a positive multiple of the patch size 4"):
+        _small(img_size=0)
+    with pytest.raises(
+        ValueError, match=r"dim 30 is not divisible by num_heads 4; head counts that divide it: \[1, 2, 3"
+    ):
+        _small(embed_dim=30, num_heads=(4, 8, 16, 32))
+    with pytest.raises(ValueError, match=r"pretrained_window_sizes=\[-1, 0, 0, 0\]; accepted"):
+        _small(pretrained_window_sizes=(-1, 0, 0, 0))
+    with pytest.raises(ValueError, match=r"norm_layer=.*BatchNorm1d.*accepted: torch.nn.LayerNorm"):
+        _small(norm_layer=torch.nn.BatchNorm1d)
+
+
+def test_official_signature_and_any_stage_count():
+    """The official constructor's extra arguments are accepted; the all-zero default works for any stage count."""
+    model = SwinTransformerV2(img_size=64, window_size=4, norm_layer=torch.nn.LayerNorm, use_checkpoint=True)
+    assert all(blk.grad_checkpointing for layer in model.layers for blk in layer.blocks)
+    three = SwinTransformerV2(img_size=64, window_size=4, embed_dim=16, depths=(1, 1, 1), num_heads=(1, 2, 4))
+    assert three.pretrained_window_sizes == [0, 0, 0]
+    assert three(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -199,6 +225,29 @@ def test_auto_attention_choice_table():
         assert forced._impl_for(x) == "sdpa"
 
 
+def test_cosine_qkv_gradients():
+    """The fused split/normalise/scale of q, k, v: gradcheck in float64, and equal to the composed autograd ops."""
+    from swinv2.swin_transformer_v2 import _CosineQKV
+
+    gen = torch.Generator().manual_seed(0)
+    windows, heads, n, hd = 3, 2, 4, 5
+    qkv = torch.randn(2, windows * n, 3 * heads * hd, dtype=torch.float64, generator=gen, requires_grad=True)
+    scale = (torch.rand(heads, 1, 1, dtype=torch.float64, generator=gen) * 5 + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, s: _CosineQKV.apply(a, s, windows, heads), (qkv, scale))
+
+    q, k, v = qkv.view(2, windows, n, 3, heads, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)
+    composed = [
+        t.reshape(2, windows * heads, n, hd)
+        for t in (torch.nn.functional.normalize(q, dim=-1) * scale, torch.nn.functional.normalize(k, dim=-1), v)
+    ]
+    fused = _CosineQKV.apply(qkv, scale, windows, heads)
+    weights = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in fused]
+    grads_fused = torch.autograd.grad(sum((t * w).sum() for t, w in zip(fused, weights, strict=True)), (qkv, scale))
+    grads_ref = torch.autograd.grad(sum((t * w).sum() for t, w in zip(composed, weights, strict=True)), (qkv, scale))
+    for a, b in zip([*fused, *grads_fused], [*composed, *grads_ref], strict=True):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("impl", ["explicit", "sdpa"])
 def test_window_chunked_attention_gives_same_results(impl):
     full = _small(attn_impl=impl, drop_path_rate=0.0)
@@ -212,6 +261,44 @@ def test_window_chunked_attention_gives_same_results(impl):
     b.sum().backward()
     for (name, p), (_, q) in zip(full.named_parameters(), chunked.named_parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), name
+
+
+class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest storage any op allocates (views such as expand allocate nothing and are not counted)."""
+
+    def __init__(self, *existing: torch.Tensor) -> None:
+        super().__init__()
+        self.largest = 0
+        # Views of tensors that exist beforehand (inputs, weights, buffers) allocate nothing.
+        self.seen = {t.untyped_storage().data_ptr() for t in existing}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self.seen:
+                    self.seen.add(storage.data_ptr())
+                    self.largest = max(self.largest, storage.nbytes())
+        return out
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["unshifted", "shifted"])
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+def test_window_chunked_attention_bounds_memory(impl, shifted):
+    """Sequential attention: no tensor of forward or backward holds more than one chunk's N x N weights or bias."""
+    resolution, window, heads, dim = (64, 64), (8, 8), 2, 16
+    attn = WindowAttention(dim, window, heads, attn_impl=impl, window_chunk_size=2)
+    n, nw = 64, 64
+    mask = swinv2.swin_transformer_v2.shifted_window_mask(resolution, window, (4, 4)) if shifted else None
+    x = torch.randn(1, nw * n, dim, requires_grad=True)
+    existing = [x, *attn.parameters(), *attn.buffers(), *([mask] if shifted else [])]
+    with _LargestAllocation(*existing) as tracker:
+        attn(x, mask).sum().backward()
+    full_weights = nw * heads * n * n * 4  # one image's attention weights (or bias), float32: 2 MiB
+    # What may be larger than one chunk's weights: the qkv activations and the cpb MLP's hidden layer (15*15 x 512).
+    others = max(nw * n * 3 * dim * 4, 15 * 15 * 512 * 4)
+    assert tracker.largest <= others < full_weights / 2, (tracker.largest, others, full_weights)
 
 
 def test_activation_checkpointing_same_results_and_selection():
@@ -246,7 +333,13 @@ def test_activation_checkpointing_same_results_and_selection():
 
 def test_parse_checkpointing_rejects_bad_specs():
     assert parse_checkpointing("every:2") == {"enable": True, "every": 2}
-    for bad in ("every:0", "stages:", "some", "every:x"):
+    assert parse_checkpointing("every:2+stages:2,3") == {"enable": True, "every": 2, "stages": [2, 3]}
+    model = _small(depths=(2, 2, 4, 2))
+    model.set_grad_checkpointing(**parse_checkpointing("every:2+stages:2,3"))
+    chosen = [blk.grad_checkpointing for layer in model.layers for blk in layer.blocks]
+    # Global block indices 0..9; stages 2 and 3 hold 4..7 and 8..9; every 2nd of those: 4, 6, 8.
+    assert [i for i, on in enumerate(chosen) if on] == [4, 6, 8]
+    for bad in ("every:0", "stages:", "some", "every:x", "every:2+every:3", "every:2+"):
         with pytest.raises(ValueError, match="accepted"):
             parse_checkpointing(bad)
     with pytest.raises(ValueError, match="stages \\[7\\] out of range"):
