@@ -47,7 +47,9 @@ class ModelConfig:
     attn_impl: str = "auto"
     # Sequential window attention: process at most this many windows at a time (0 = all at once).
     window_chunk_size: int = 0
-    # Activation checkpointing: "none", "all", "every:K" (every K-th block), "stages:I,J" (all blocks of stages I, J).
+    # Activation checkpointing, parsed by swinv2.parse_checkpointing into set_grad_checkpointing arguments: "none",
+    # "all", "every:K" (every K-th block counted over the whole network) or "stages:I,J" (all blocks of stages I, J;
+    # indices below the number of stages). One form at a time: every-K restricted to some stages has no spelling here.
     activation_checkpointing: str = "none"
 
 
@@ -133,7 +135,8 @@ class DistributedConfig:
     backend: str = "auto"
     # Bound on every collective: ranks raise instead of hanging when a peer dies.
     timeout_minutes: float = 30.0
-    # Extra DeepSpeed config keys, merged over the generated dict.
+    # Extra DeepSpeed config keys, merged over the generated dict (pretrain/engine.py). Keys that the typed settings
+    # generate are refused (see DEEPSPEED_TYPED_KEYS): set the typed key instead.
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
@@ -174,6 +177,24 @@ SOURCES = ("webdataset", "folder")
 OPTIMIZERS = ("adamw",)
 DEVICES = ("auto", "cuda", "cpu")
 BACKENDS = ("auto", "nccl", "gloo")
+# The data pipeline decodes every image to RGB (SimMIMTransform), so the model sees 3 channels.
+IN_CHANS = 3
+
+# distributed.deepspeed keys (dotted paths into the DeepSpeed config) that the typed configuration generates, with
+# the typed key to use instead. Accepting them would let the DeepSpeed engine silently disagree with values the rest
+# of the code reads (lr scaling by the global batch, loss scale logging, ZeRO-3 model construction...).
+DEEPSPEED_TYPED_KEYS: dict[str, str] = {
+    "train_batch_size": "data.batch_size (per device) and training.grad_accum_steps; the global batch follows",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "training.grad_accum_steps",
+    "gradient_clipping": "optimizer.clip_grad",
+    # Only the switches: fp16 loss-scaling settings (initial_scale_power, loss_scale_window...) may be passed through.
+    "bf16.enabled": "training.precision",
+    "fp16.enabled": "training.precision",
+    "zero_optimization.stage": "distributed.zero_stage",
+    "optimizer": "the optimizer section (AdamW is built by pretrain/optim.py)",
+    "scheduler": "the schedule section (the lr schedule is built by pretrain/optim.py)",
+}
 
 
 class ConfigError(ValueError):
@@ -287,6 +308,49 @@ def _check_geometry(m: ModelConfig, depths: Sequence[int]) -> None:
             raise ConfigError(f"model.img_size={m.img_size} with model.window_size={window}: {exc}") from None
 
 
+def _deepspeed_conflicts(extra: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, typed key) for each key of ``extra`` that DEEPSPEED_TYPED_KEYS refuses.
+
+    A non-dict value on the way to a refused key (``fp16: true``) counts too: merged over the generated config it
+    would replace the whole generated section, switch included.
+    """
+    found = []
+    for path, typed in DEEPSPEED_TYPED_KEYS.items():
+        node: Any = extra
+        parts = path.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+            if depth == len(parts) - 1 or not isinstance(node, dict):
+                found.append((".".join(parts[: depth + 1]), node, typed))
+                break
+    return found
+
+
+def _check_model(m: ModelConfig) -> None:
+    """Ranges of the model's scalar settings (the backbone would fail later, or train wrongly, on these)."""
+    _require(
+        m.embed_dim is None or m.embed_dim > 0,
+        f"model.embed_dim={m.embed_dim}; accepted: a positive integer or null (the size's default)",
+    )
+    _require(m.in_chans == IN_CHANS, f"model.in_chans={m.in_chans}; accepted: {IN_CHANS} (the pipeline decodes to RGB)")
+    _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio}; accepted: > 0")
+    for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        rate = getattr(m, key)
+        _require(0.0 <= rate < 1.0, f"model.{key}={rate}; accepted: 0 <= rate < 1")
+    _require(
+        m.extra_norm_every is None or m.extra_norm_every >= 0,
+        f"model.extra_norm_every={m.extra_norm_every}; accepted: 0 (off), a positive block count, or null (the "
+        f"size's default)",
+    )
+    _require(
+        all(w >= 0 for w in m.pretrained_window_sizes),
+        f"model.pretrained_window_sizes={list(m.pretrained_window_sizes)}; accepted: per stage 0 (not pretrained) or "
+        f"a positive window size",
+    )
+
+
 def validate(cfg: PretrainConfig) -> None:
     """Reject impossible combinations before anything heavy happens (ConfigError naming key and accepted values)."""
     from swinv2 import MODEL_SIZES, parse_checkpointing
@@ -296,10 +360,18 @@ def validate(cfg: PretrainConfig) -> None:
     _one_of("model.size", m.size, list(MODEL_SIZES))
     _one_of("model.attn_impl", m.attn_impl, ATTN_IMPLS)
     try:
-        parse_checkpointing(m.activation_checkpointing)
+        checkpointing = parse_checkpointing(m.activation_checkpointing)
     except ValueError as exc:
         raise ConfigError(f"model.activation_checkpointing: {exc}") from None
     depths = m.depths if m.depths is not None else MODEL_SIZES[m.size]["depths"]
+    # parse_checkpointing cannot know the number of stages; set_grad_checkpointing would only refuse once the model
+    # exists.
+    stages_out = [i for i in checkpointing.get("stages", []) if i >= len(depths)]
+    _require(
+        not stages_out,
+        f"model.activation_checkpointing={m.activation_checkpointing!r}: stages {stages_out} do not exist; accepted: "
+        f"stage indices 0..{len(depths) - 1}",
+    )
     heads = m.num_heads if m.num_heads is not None else MODEL_SIZES[m.size]["num_heads"]
     _require(
         len(depths) == len(heads) and len(depths) > 0,
@@ -309,6 +381,7 @@ def validate(cfg: PretrainConfig) -> None:
         len(m.pretrained_window_sizes) == len(depths),
         f"model.pretrained_window_sizes={list(m.pretrained_window_sizes)} needs one entry per stage ({len(depths)})",
     )
+    _check_model(m)
     embed_dim = m.embed_dim if m.embed_dim is not None else MODEL_SIZES[m.size]["embed_dim"]
     for i, h in enumerate(heads):
         _require(
@@ -318,7 +391,6 @@ def validate(cfg: PretrainConfig) -> None:
         )
     _require(m.window_size > 0, f"model.window_size={m.window_size}; accepted: a positive integer")
     _require(m.window_chunk_size >= 0, f"model.window_chunk_size={m.window_chunk_size}; accepted: 0 (off) or > 0")
-    _require(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate}; accepted: 0 <= rate < 1")
     _check_geometry(m, depths)
 
     s = cfg.simmim
@@ -341,6 +413,10 @@ def validate(cfg: PretrainConfig) -> None:
     _require(d.batch_size > 0, f"data.batch_size={d.batch_size}; accepted: a positive integer (per-device micro-batch)")
     _require(d.num_workers >= 0, f"data.num_workers={d.num_workers}; accepted: 0 or more")
     _require(
+        d.shuffle_buffer >= 0,
+        f"data.shuffle_buffer={d.shuffle_buffer}; accepted: 0 or 1 (no shuffling) or more samples",
+    )
+    _require(
         d.samples_per_epoch is None or d.samples_per_epoch > 0,
         f"data.samples_per_epoch={d.samples_per_epoch}; accepted: a positive integer or null",
     )
@@ -355,18 +431,26 @@ def validate(cfg: PretrainConfig) -> None:
     _require(0.0 <= d.hflip <= 1.0, f"data.hflip={d.hflip}; accepted: a probability in [0, 1]")
     _require(
         len(d.mean) == m.in_chans and len(d.std) == m.in_chans and all(v > 0 for v in d.std),
-        f"data.mean/data.std need {m.in_chans} values (model.in_chans) and positive std",
+        f"data.mean={list(d.mean)}, data.std={list(d.std)}; accepted: {m.in_chans} values each (one per channel of "
+        f"model.in_chans), std > 0",
     )
 
     o = cfg.optimizer
     _one_of("optimizer.name", o.name, OPTIMIZERS)
     _require(o.base_lr > 0, f"optimizer.base_lr={o.base_lr}; accepted: > 0")
+    _require(o.warmup_lr >= 0, f"optimizer.warmup_lr={o.warmup_lr}; accepted: >= 0")
+    _require(o.min_lr >= 0, f"optimizer.min_lr={o.min_lr}; accepted: >= 0")
+    _require(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}; accepted: >= 0")
     _require(
         o.lr_reference_batch >= 0, f"optimizer.lr_reference_batch={o.lr_reference_batch}; accepted: 0 (off) or > 0"
     )
     _require(o.clip_grad >= 0, f"optimizer.clip_grad={o.clip_grad}; accepted: 0 (off) or > 0")
     _require(0.0 < o.layer_decay <= 1.0, f"optimizer.layer_decay={o.layer_decay}; accepted: 0 < layer_decay <= 1")
-    _require(len(o.betas) == 2, f"optimizer.betas={list(o.betas)}; accepted: two values")
+    _require(
+        len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+        f"optimizer.betas={list(o.betas)}; accepted: two values in [0, 1)",
+    )
+    _require(o.eps > 0, f"optimizer.eps={o.eps}; accepted: > 0")
 
     sc = cfg.schedule
     _one_of("schedule.name", sc.name, SCHEDULES)
@@ -375,6 +459,16 @@ def validate(cfg: PretrainConfig) -> None:
         0 <= sc.warmup_epochs <= sc.epochs,
         f"schedule.warmup_epochs={sc.warmup_epochs}; accepted: 0 <= warmup_epochs <= schedule.epochs={sc.epochs}",
     )
+    _require(sc.gamma > 0, f"schedule.gamma={sc.gamma}; accepted: > 0 (the lr factor at each milestone)")
+    if sc.name == "multistep":
+        # A milestone at or after the last epoch is never reached: the lr would silently never decay at it.
+        outside = [ms for ms in sc.milestones if not 0 < ms < sc.epochs]
+        accepted = f"epochs 1..{sc.epochs - 1}" if sc.epochs > 1 else "none (an empty list)"
+        _require(
+            not outside,
+            f"schedule.milestones={list(sc.milestones)}: {outside} outside the schedule; accepted: {accepted} "
+            f"(before schedule.epochs={sc.epochs})",
+        )
 
     t = cfg.training
     _one_of("training.precision", t.precision, PRECISIONS)
@@ -395,6 +489,13 @@ def validate(cfg: PretrainConfig) -> None:
         not (t.precision == "fp16" and t.device == "cpu"),
         "training.precision=fp16 is not supported on training.device=cpu; accepted there: bf16, fp32",
     )
+    conflicts = _deepspeed_conflicts(dict(dist.deepspeed))
+    if conflicts:
+        key, value, typed = conflicts[0]
+        raise ConfigError(
+            f"distributed.deepspeed.{key}={value!r} repeats a typed setting; set {typed} instead. Accepted in "
+            f"distributed.deepspeed: any other DeepSpeed key (refused: {', '.join(DEEPSPEED_TYPED_KEYS)})"
+        )
 
     ck = cfg.checkpoint
     _require(ck.every_steps >= 1, f"checkpoint.every_steps={ck.every_steps}; accepted: 1 or more")

@@ -14,8 +14,11 @@ Determinism (what a batch depends on):
   mixes across the end of a pass, so an epoch covers each reader's samples approximately (exactly with
   ``data.shuffle_buffer=1``), as webdataset's own epoch wrapper does.
 Every rank yields exactly ``steps_per_epoch(cfg, world_size)`` batches per epoch, so collectives never hang at the
-end of an epoch. A corrupt or non-image sample is skipped with a warning and counted; batches carry the count in
-``batch["skipped"]`` so it reaches the metrics.
+end of an epoch. A corrupt or non-image sample is skipped with a warning and counted; so are samples lost at the tar
+level (an unreadable or truncated shard, a bad header): exactly when the shard is listed in the size index (listed
+count - samples read), else one per shard that broke off on a tar error. Batches carry the count in
+``batch["skipped"]`` so it reaches the metrics. Shards that yield no sample at all, many in a row, stop the stream
+with a DataError instead of spinning.
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-import webdataset as wds
-from braceexpand import braceexpand
+from braceexpand import UnbalancedBracesError, braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .masking import MaskGenerator
 
@@ -78,6 +81,9 @@ class SimMIMTransform:
         self.scale = tuple(cfg.data.crop_scale)
         self.ratio = tuple(cfg.data.crop_ratio)
         self.hflip = cfg.data.hflip
+        # torchvision's RandomResizedCrop default, which the official SimMIM pretraining uses (spec 3.1); the
+        # fine-tuning transforms use bicubic instead, so the choice is spelled out here.
+        self.interpolation = TF.InterpolationMode.BILINEAR
         self.mean = list(cfg.data.mean)
         self.std = list(cfg.data.std)
         self.mask_generator = MaskGenerator(
@@ -108,7 +114,7 @@ class SimMIMTransform:
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         image = image.convert("RGB")
         top, left, h, w = self.crop_params(rng, *image.size)
-        image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+        image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], self.interpolation, antialias=True)
         if rng.random() < self.hflip:
             image = TF.hflip(image)
         tensor = TF.normalize(TF.to_tensor(image), self.mean, self.std)
@@ -198,37 +204,92 @@ class _RankBatches(torch.utils.data.Sampler):
 
 
 # ------------------------------------------------------------------------------------------------- webdataset
+def _split_top_level(pattern: str) -> list[str]:
+    """Split ``pattern`` on the commas outside braces: ``a-{0,1}.tar,b.tar`` -> ``["a-{0,1}.tar", "b.tar"]``.
+
+    Commas inside braces are brace alternatives, so a plain ``split(",")`` would cut ``x-{a,b}.tar`` into two
+    unbalanced halves. A backslash escapes the next character, as in braceexpand.
+
+    Raises:
+        DataError: on unbalanced braces, naming the position.
+    """
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
+    escaped = False
+    for position, char in enumerate(pattern):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            if depth == 0:
+                raise _brace_error(pattern, f"'}}' at position {position} closes no '{{'")
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    if depth:
+        raise _brace_error(pattern, f"{depth} '{{' left open")
+    parts.append("".join(current))
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _brace_error(pattern: str, detail: str) -> DataError:
+    return DataError(
+        f"data.path={pattern!r} has unbalanced braces ({detail}); accepted: a brace pattern like "
+        f"shard-{{000000..000127}}.tar or x-{{a,b}}.tar, a glob, a comma-separated list of those, or a shard folder"
+    )
+
+
 def expand_shards(pattern: str) -> list[str]:
     """Shard paths from a brace pattern (``train-{000000..000127}.tar``), glob, comma-separated list or a folder.
 
-    A folder stands for every ``*.tar`` directly inside it (the output of ``python -m pretrain.shards``).
+    A folder stands for every ``*.tar`` directly inside it (the output of ``python -m pretrain.shards``). The list is
+    split on commas outside braces only, so brace alternatives (``x-{a,b}.tar``) and lists combine.
+
+    Raises:
+        DataError: the pattern is malformed (unbalanced braces).
     """
     if pattern and Path(pattern).is_dir():
         return sorted(str(p) for p in Path(pattern).glob("*.tar"))
     urls: list[str] = []
-    for part in pattern.split(","):
-        for item in braceexpand(part.strip()):
+    for part in _split_top_level(pattern):
+        try:
+            items = list(braceexpand(part))
+        except UnbalancedBracesError as exc:  # what the splitter's own check lets through (e.g. escapes)
+            raise _brace_error(pattern, str(exc)) from None
+        for item in items:
             hits = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
             urls.extend(hits)
     return urls
 
 
-def read_size_index(urls: list[str]) -> int | None:
-    """Total sample count of ``urls`` from the ``sizes.json`` beside them, or None if some shard is not listed."""
-    total = 0
+def _shard_sizes(urls: list[str]) -> dict[str, int]:
+    """Sample count of each shard of ``urls`` listed in the ``sizes.json`` beside it (unlisted shards left out)."""
+    sizes: dict[str, int] = {}
     cache: dict[Path, dict[str, int]] = {}
     for url in urls:
         path = Path(url)
         index_file = path.parent / SIZE_INDEX
         if index_file not in cache:
-            if not index_file.is_file():
-                return None
-            cache[index_file] = json.loads(index_file.read_text())
+            cache[index_file] = json.loads(index_file.read_text()) if index_file.is_file() else {}
         count = cache[index_file].get(path.name)
-        if count is None:
-            return None
-        total += int(count)
-    return total
+        if count is not None:
+            sizes[url] = int(count)
+    return sizes
+
+
+def read_size_index(urls: list[str]) -> int | None:
+    """Total sample count of ``urls`` from the ``sizes.json`` beside them, or None if some shard is not listed."""
+    sizes = _shard_sizes(urls)
+    if any(url not in sizes for url in urls):
+        return None
+    return sum(sizes[url] for url in urls)
 
 
 def _check_shards(cfg: PretrainConfig, world_size: int) -> list[str]:
@@ -251,6 +312,21 @@ def _check_shards(cfg: PretrainConfig, world_size: int) -> list[str]:
     return urls
 
 
+class _LostSamples:
+    """Samples lost at the tar level (unreadable shard, truncated shard, bad header) since the last batch.
+
+    Such losses happen below the sample decoder, inside the tar reading; they are collected here and added to the next
+    batch's ``skipped`` count.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
 class _ShardStream(IterableDataset):
     """Per worker: shards (resampled or this reader's slice, cycled) -> samples -> decode -> transform -> batches."""
 
@@ -266,6 +342,9 @@ class _ShardStream(IterableDataset):
         batches: int,
     ) -> None:
         self.urls = urls
+        # Per-shard sample counts from the size index: a shard that yields fewer was cut short (truncation, or a bad
+        # header, at which Python's tarfile stops without an error), and the shortfall is counted exactly.
+        self.shard_sizes = _shard_sizes(urls)
         self.transform = transform
         self.batch_size = cfg.data.batch_size
         self.resampled = cfg.data.resampled
@@ -278,23 +357,75 @@ class _ShardStream(IterableDataset):
         info = get_worker_info()
         return (info.id, info.num_workers) if info is not None else (0, 1)
 
-    def _shards(self, rng: np.random.Generator, worker: int, workers: int) -> Iterator[str]:
+    def _reader_shards(self, worker: int, workers: int) -> list[str]:
+        """The shards this reader draws from: all of them when resampling, else its own slice."""
+        if self.resampled:
+            return self.urls
+        return self.urls[self.rank * workers + worker :: self.world_size * workers]
+
+    def _shards(self, rng: np.random.Generator, mine: list[str]) -> Iterator[str]:
         if self.resampled:
             while True:
-                yield self.urls[int(rng.integers(len(self.urls)))]
-        reader, readers = self.rank * workers + worker, self.world_size * workers
-        mine = self.urls[reader::readers]
+                yield mine[int(rng.integers(len(mine)))]
         while True:  # cycle this reader's shards so every reader yields its full share of batches
             for i in rng.permutation(len(mine)):
                 yield mine[i]
 
-    def _samples(self, rng: np.random.Generator, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        def warn(exc: Exception) -> bool:
-            warnings.warn(f"skipping unreadable shard data: {exc}", stacklevel=1)
-            return True
+    def _read_shard(self, url: str, lost: _LostSamples) -> Iterator[dict[str, Any]]:
+        """The samples of one shard; tar-level errors warn, and the samples they cost are added to ``lost``.
 
-        for url in self._shards(rng, worker, workers):
-            yield from wds.tarfile_samples([{"url": url}], handler=warn)
+        With the shard in the size index the loss is exact (listed count - samples read; a partial sample that was
+        read is counted by the decoder). Without it, a shard that broke off on tar errors counts one: how much of it
+        was lost is unknown then, and a bad header that Python's tarfile takes for the archive's end goes unseen.
+        """
+        errors: list[str] = []
+
+        def note(exc: Exception) -> bool:
+            # webdataset appends " @ <stream>" to the message and the stream and url to args; keep the message.
+            message = str(exc.args[0]).split(" @ ")[0] if exc.args else ""
+            errors.append(f"{type(exc).__name__}: {message}")
+            return True  # go on: the rest of this shard is dropped, the stream continues with the next shard
+
+        read = 0
+        try:
+            # Opened here rather than by webdataset's url_opener, which leaves the file open when the tar breaks.
+            stream = open(url, "rb")  # noqa: SIM115 - closed by the with block below
+        except OSError as exc:
+            note(exc)
+        else:
+            with stream:
+                files = tar_file_expander([{"url": url, "stream": stream}], handler=note)
+                for sample in group_by_keys(files, handler=note):
+                    read += 1
+                    yield sample
+        expected = self.shard_sizes.get(url)
+        count = max(0, expected - read) if expected is not None else min(1, len(errors))
+        if count or errors:
+            listed = f" of the {expected} listed in {SIZE_INDEX}" if expected is not None else ""
+            warnings.warn(
+                f"shard {url}: read {read} samples{listed}; {count} counted as skipped"
+                + (f"; tar errors: {'; '.join(errors)}" if errors else ""),
+                stacklevel=1,
+            )
+        lost.count += count
+
+    def _samples(self, rng: np.random.Generator, worker: int, workers: int, lost: _LostSamples) -> Iterator[dict]:
+        mine = self._reader_shards(worker, workers)
+        # Shards that give no sample at all (unreadable, empty) would make the loop below spin forever; after this many
+        # in a row the data cannot be working. With resampling a few good shards among bad ones are drawn long before.
+        limit = max(64, 4 * len(mine))
+        empty_in_row = 0
+        for url in self._shards(rng, mine):
+            got_one = False
+            for sample in self._read_shard(url, lost):
+                got_one = True
+                yield sample
+            empty_in_row = 0 if got_one else empty_in_row + 1
+            if empty_in_row >= limit:
+                raise DataError(
+                    f"{empty_in_row} shards in a row gave no sample (last: {url}); check that the shards of "
+                    f"data.path are readable tar files holding images"
+                )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, workers = self._worker()
@@ -304,7 +435,8 @@ class _ShardStream(IterableDataset):
         buffer: list[dict[str, Any]] = []
         batch: list[tuple[torch.Tensor, torch.Tensor]] = []
         skipped = produced = 0
-        samples = self._samples(rng, worker, workers)
+        lost = _LostSamples()
+        samples = self._samples(rng, worker, workers, lost)
         while produced < share:
             # Fill the shuffle buffer, then emit a random element of it.
             while len(buffer) < max(1, self.shuffle_buffer):
@@ -323,7 +455,7 @@ class _ShardStream(IterableDataset):
                 continue
             batch.append(decoded)
             if len(batch) == self.batch_size:
-                yield _collate(batch, skipped)
+                yield _collate(batch, skipped + lost.take())
                 batch, skipped = [], 0
                 produced += 1
 

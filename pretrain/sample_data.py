@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = write_sample_shards(args.out_dir, args.maxcount, args.force, args.min_side)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # shard-writer refusals, missing sample photos, filesystem errors
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {report['written']} sample photos to {len(report['shards'])} shards in {args.out_dir}")

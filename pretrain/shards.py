@@ -7,12 +7,15 @@ other formats (BMP, TIFF, GIF...) are converted to PNG. A file that cannot be de
 fatal. Each sample holds the image, ``cls`` (index of its top-level subfolder in sorted order, when images sit in
 class subfolders) and ``json`` (its relative path). Shards are written under a temporary name and renamed when
 complete; ``sizes.json`` (shard file name -> sample count) is written last. An OUT_DIR that already holds files is
-refused unless ``--force`` is given.
+refused unless ``--force`` is given; with it, the old shards, index and the ``*.partial`` leftovers of an interrupted
+run are removed, once the first readable image is in hand. A source without a single readable image is an error that
+leaves OUT_DIR untouched (not created, old shards kept); an interrupted run leaves no ``*.partial`` file behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -25,13 +28,40 @@ from tqdm import tqdm
 
 from .data import IMAGE_EXTENSIONS, SIZE_INDEX, list_images
 
-__all__ = ["ShardReport", "main", "write_shards"]
+__all__ = ["ShardError", "ShardReport", "main", "write_shards"]
 
 _STORED_AS_IS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
 
 class ShardReport(dict):
     """Result of :func:`write_shards`: {"shards": {name: count}, "written": n, "unreadable": [paths]}."""
+
+
+class ShardError(ValueError):
+    """The shards cannot be written (output path is a file, nothing readable in the source...); nothing was written."""
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an output path that cannot become an empty shard folder, before any image is read."""
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"output folder {str(out)!r} is a file; give the path of a folder (created when missing)")
+    # The first existing ancestor must be a folder too, or creating ``out`` fails with NotADirectoryError later.
+    ancestor = next((parent for parent in out.absolute().parents if parent.exists()), None)
+    if not out.exists() and ancestor is not None and not ancestor.is_dir():
+        raise ShardError(f"output folder {str(out)!r} cannot be created: {str(ancestor)!r} is a file")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"output folder {str(out)!r} is not empty; pass --force to replace its shards")
+
+
+def _clear_old_output(out: Path) -> None:
+    """--force: remove the previous shards, their index and the ``*.partial`` files of an interrupted run.
+
+    The index goes first: a crash between the deletions then leaves shards without an index, which the loader refuses,
+    rather than an index listing shards that are gone.
+    """
+    leftovers = [*out.glob("shard-*.tar.partial"), out / (SIZE_INDEX + ".partial")]
+    for old in [out / SIZE_INDEX, *out.glob("shard-*.tar"), *leftovers]:
+        old.unlink(missing_ok=True)
 
 
 def _encode(path: Path) -> tuple[str, bytes]:
@@ -56,19 +86,20 @@ def write_shards(
         src_dir: folder searched recursively for images.
         out_dir: destination folder (created); must be empty unless ``force``.
         maxcount: samples per shard.
-        force: allow writing into a non-empty ``out_dir`` (its old shards and index are replaced).
+        force: allow writing into a non-empty ``out_dir`` (its old shards, index and ``*.partial`` leftovers are
+            removed once the first readable image is found; other files stay).
         progress: show a progress bar.
+
+    Raises:
+        DataError: ``src_dir`` is not a folder or holds no image files.
+        FileExistsError: ``out_dir`` is not empty and ``force`` is off.
+        ShardError: ``out_dir`` is (or lies under) a file, or no image could be read; nothing was written.
     """
     if maxcount < 1:
         raise ValueError(f"maxcount={maxcount}; accepted: a positive number of samples per shard")
     src, out = Path(src_dir), Path(out_dir)
     files = list_images(src)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"output folder {str(out)!r} is not empty; pass --force to replace its shards")
-    out.mkdir(parents=True, exist_ok=True)
-    if force:
-        for old in [*out.glob("shard-*.tar"), out / SIZE_INDEX]:
-            old.unlink(missing_ok=True)
+    _check_out_dir(out, force)
     classes = sorted({p.relative_to(src).parts[0] for p in files if len(p.relative_to(src).parts) > 1})
     class_index = {name: i for i, name in enumerate(classes)}
     report = ShardReport(shards={}, written=0, unreadable=[])
@@ -85,27 +116,50 @@ def write_shards(
         os.replace(out / (shard_name + ".partial"), out / shard_name)
         writer = stream = None
 
-    for path in tqdm(files, desc="packing", unit="img", disable=not progress):
-        try:
-            key, data = _encode(path)
-        except Exception as exc:
-            report["unreadable"].append(str(path))
-            tqdm.write(f"unreadable, skipped: {path} ({exc})", file=sys.stderr)
-            continue
-        if writer is None or report["shards"][shard_name] >= maxcount:
-            close_shard()
-            shard_name = f"shard-{len(report['shards']):06d}.tar"
-            stream = open(out / (shard_name + ".partial"), "wb")  # noqa: SIM115 - closed in close_shard
-            writer = wds.TarWriter(stream)
-            report["shards"][shard_name] = 0
-        relative = path.relative_to(src)
-        sample = {"__key__": f"{report['written']:09d}", key: data, "json": {"path": str(relative)}}
-        if len(relative.parts) > 1:
-            sample["cls"] = class_index[relative.parts[0]]
-        writer.write(sample)
-        report["shards"][shard_name] += 1
-        report["written"] += 1
-    close_shard()
+    try:
+        for path in tqdm(files, desc="packing", unit="img", disable=not progress):
+            try:
+                key, data = _encode(path)
+            except Exception as exc:
+                report["unreadable"].append(str(path))
+                tqdm.write(f"unreadable, skipped: {path} ({exc})", file=sys.stderr)
+                continue
+            if writer is None and not report["shards"]:
+                # First readable image: only now is OUT_DIR created or cleared, so a source with nothing readable
+                # leaves it as it was.
+                out.mkdir(parents=True, exist_ok=True)
+                if force:
+                    _clear_old_output(out)
+            if writer is None or report["shards"][shard_name] >= maxcount:
+                close_shard()
+                shard_name = f"shard-{len(report['shards']):06d}.tar"
+                stream = open(out / (shard_name + ".partial"), "wb")  # noqa: SIM115 - closed in close_shard
+                writer = wds.TarWriter(stream)
+                report["shards"][shard_name] = 0
+            relative = path.relative_to(src)
+            sample = {"__key__": f"{report['written']:09d}", key: data, "json": {"path": str(relative)}}
+            if len(relative.parts) > 1:
+                sample["cls"] = class_index[relative.parts[0]]
+            writer.write(sample)
+            report["shards"][shard_name] += 1
+            report["written"] += 1
+        close_shard()
+    except BaseException:
+        # Interrupted (Ctrl-C, disk full...): the shard being written is incomplete; completed shards stay, without
+        # an index, so the loader refuses them until the folder is rewritten.
+        if writer is not None:
+            # Flush tarfile's buffer into the file now: left to garbage collection it would write to a closed file.
+            with contextlib.suppress(Exception):
+                writer.close()
+        if stream is not None:
+            stream.close()
+            (out / (shard_name + ".partial")).unlink(missing_ok=True)
+        raise
+    if not report["written"]:
+        raise ShardError(
+            f"none of the {len(files)} image files under {str(src)!r} could be read (e.g. {report['unreadable'][0]}); "
+            f"nothing was written"
+        )
     index_tmp = out / (SIZE_INDEX + ".partial")
     index_tmp.write_text(json.dumps(report["shards"], indent=1, sort_keys=True))
     os.replace(index_tmp, out / SIZE_INDEX)
@@ -122,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = write_shards(args.src_dir, args.out_dir, args.maxcount, args.force, progress=not args.no_progress)
-    except (ValueError, FileExistsError) as exc:
+    except (ValueError, OSError) as exc:  # ShardError, DataError, FileExistsError, permission or disk errors
         print(f"error: {exc}", file=sys.stderr)
         return 2
     n_shards = len(report["shards"])

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pretrain.config import ConfigError, PretrainConfig, load_config, to_dict, to_yaml
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
 SIZES = ["tiny", "small", "base", "large", "huge", "giant"]
 
 
@@ -79,11 +84,34 @@ BASE = str(CONFIGS / "simmim_swinv2_base_192_w12.yaml")
         ("schedule.warmup_epochs=900", ["schedule.warmup_epochs=900"]),
         ("training.grad_accum_steps=0", ["training.grad_accum_steps=0"]),
         ("noequals", ["'noequals'", "section.key=value"]),
+        ("model.extra_norm_every=-1", ["model.extra_norm_every=-1", "0 (off), a positive block count, or null"]),
+        ("model.drop_rate=1.0", ["model.drop_rate=1.0", "0 <= rate < 1"]),
+        ("model.attn_drop_rate=-0.1", ["model.attn_drop_rate=-0.1", "0 <= rate < 1"]),
+        ("model.drop_path_rate=1.5", ["model.drop_path_rate=1.5", "0 <= rate < 1"]),
+        ("model.embed_dim=0", ["model.embed_dim=0", "a positive integer or null"]),
+        ("model.embed_dim=-128", ["model.embed_dim=-128", "a positive integer or null"]),
+        ("model.mlp_ratio=0", ["model.mlp_ratio=0", "> 0"]),
+        ("model.pretrained_window_sizes=[12,12,-1,6]", ["model.pretrained_window_sizes=[12, 12, -1, 6]", "0 (not"]),
+        ("model.in_chans=1", ["model.in_chans=1", "accepted: 3", "RGB"]),
+        ("model.activation_checkpointing=stages:1,4", ["stages [4] do not exist", "0..3"]),
+        ("optimizer.warmup_lr=-1e-6", ["optimizer.warmup_lr=-1e-06", ">= 0"]),
+        ("optimizer.min_lr=-1", ["optimizer.min_lr=-1", ">= 0"]),
+        ("optimizer.weight_decay=-0.05", ["optimizer.weight_decay=-0.05", ">= 0"]),
+        ("optimizer.betas=[0.9,1.0]", ["optimizer.betas=[0.9, 1.0]", "two values in [0, 1)"]),
+        ("optimizer.eps=0", ["optimizer.eps=0", "> 0"]),
+        ("schedule.gamma=0", ["schedule.gamma=0", "> 0"]),
+        ("schedule.gamma=-0.1", ["schedule.gamma=-0.1", "> 0"]),
+        ("data.shuffle_buffer=-1", ["data.shuffle_buffer=-1", "0 or 1 (no shuffling) or more"]),
+        ("schedule.milestones=[700,800]", ["schedule.milestones=[700, 800]", "[800]", "epochs 1..799"]),
+        ("schedule.milestones=[0]", ["schedule.milestones=[0]", "[0] outside", "epochs 1..799"]),
+        ("schedule.epochs=300", ["schedule.milestones=[700]", "epochs 1..299", "schedule.epochs=300"]),
+        ("schedule.epochs=1 schedule.warmup_epochs=0", ["schedule.milestones=[700]", "accepted: none (an empty list)"]),
+        ("data.mean=[0.5,0.5]", ["data.mean=[0.5, 0.5]", "3 values each"]),
     ],
 )
 def test_config_errors_name_key_and_accepted_values(override: str, words: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(BASE, [override])
+        load_config(BASE, override.split())  # several overrides separated by spaces
     for word in words:
         assert word in str(info.value), str(info.value)
 
@@ -97,3 +125,90 @@ def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match=r"fp16 is not supported on training\.device=cpu"):
         load_config(BASE, ["training.precision=fp16", "training.device=cpu"])
+
+
+def test_milestones_only_bind_the_multistep_schedule() -> None:
+    # The cosine schedule ignores milestones, so the default [700] does not limit a short cosine run.
+    cfg = load_config(BASE, ["schedule.name=cosine", "schedule.epochs=30", "schedule.warmup_epochs=1"])
+    assert cfg.schedule.milestones == [700]
+    assert load_config(BASE, ["schedule.epochs=30", "schedule.milestones=[20,29]"]).schedule.milestones == [20, 29]
+    assert load_config(BASE, ["schedule.epochs=1", "schedule.warmup_epochs=0", "schedule.milestones=[]"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "typed"),
+    [
+        ("distributed.deepspeed.train_batch_size=4096", "train_batch_size=4096", "data.batch_size"),
+        (
+            "distributed.deepspeed.train_micro_batch_size_per_gpu=64",
+            "train_micro_batch_size_per_gpu=64",
+            "data.batch_size",
+        ),
+        (
+            "distributed.deepspeed.gradient_accumulation_steps=2",
+            "gradient_accumulation_steps=2",
+            "training.grad_accum_steps",
+        ),
+        ("distributed.deepspeed.gradient_clipping=1.0", "gradient_clipping=1.0", "optimizer.clip_grad"),
+        ("distributed.deepspeed.bf16.enabled=false", "bf16.enabled=False", "training.precision"),
+        ("distributed.deepspeed.fp16.enabled=true", "fp16.enabled=True", "training.precision"),
+        ("distributed.deepspeed={fp16: true}", "fp16=True", "training.precision"),
+        ("distributed.deepspeed.zero_optimization.stage=3", "zero_optimization.stage=3", "distributed.zero_stage"),
+        ("distributed.deepspeed.optimizer.type=Adam", "optimizer={'type': 'Adam'}", "the optimizer section"),
+        ("distributed.deepspeed.scheduler.type=WarmupLR", "scheduler={'type': 'WarmupLR'}", "the schedule section"),
+    ],
+)
+def test_deepspeed_pass_through_refuses_typed_settings(override: str, key: str, typed: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(BASE, [override])
+    message = str(info.value)
+    assert f"distributed.deepspeed.{key} repeats a typed setting; set {typed}" in message, message
+    assert "refused: train_batch_size, train_micro_batch_size_per_gpu" in message
+
+
+def test_deepspeed_pass_through_accepts_other_keys() -> None:
+    cfg = load_config(
+        BASE,
+        [
+            "distributed.deepspeed.zero_optimization.stage3_max_live_parameters=1000",
+            "distributed.deepspeed.fp16.initial_scale_power=12",  # loss-scale tuning is not a typed setting
+            "distributed.deepspeed.steps_per_print=50",
+        ],
+    )
+    assert cfg.distributed.deepspeed == {
+        "zero_optimization": {"stage3_max_live_parameters": 1000},
+        "fp16": {"initial_scale_power": 12},
+        "steps_per_print": 50,
+    }
+
+
+def test_print_config_prints_the_resolved_configuration(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain",
+            "--config",
+            "configs/demo_cpu.yaml",
+            "--print-config",
+            "training.max_steps=3",
+            "data.batch_size=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr
+    printed = yaml.safe_load(run.stdout)
+    # Values from the recipe, the overrides, and defaults the recipe does not set, all in one tree.
+    assert printed["model"]["img_size"] == 96 and printed["model"]["depths"] == [1, 1, 2, 1]
+    assert printed["data"]["path"] == "data/sample_shards" and printed["schedule"]["name"] == "cosine"
+    assert printed["training"]["max_steps"] == 3 and printed["data"]["batch_size"] == 4
+    assert printed["data"]["crop_scale"] == [0.67, 1.0] and printed["optimizer"]["eps"] == 1e-8
+    assert set(printed) == {f.name for f in dataclasses.fields(PretrainConfig)}
+    # The printed tree is a complete recipe: loaded back, it is the same configuration.
+    (tmp_path / "printed.yaml").write_text(run.stdout)
+    assert load_config(tmp_path / "printed.yaml") == load_config(
+        CONFIGS / "demo_cpu.yaml", ["training.max_steps=3", "data.batch_size=4"]
+    )

@@ -5,17 +5,23 @@ from __future__ import annotations
 import io
 import json
 import math
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 import webdataset as wds
 from PIL import Image
 
 from pretrain.config import PretrainConfig, load_config
-from pretrain.data import DataError, SimMIMTransform, build_pretrain_loader, steps_per_epoch
+from pretrain.data import DataError, SimMIMTransform, build_pretrain_loader, expand_shards, steps_per_epoch
 from pretrain.shards import write_shards
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = [
     "model.size=tiny",
@@ -259,3 +265,205 @@ def test_folder_epoch_longer_than_folder(folder: Path) -> None:
     ids = ids_of(stacked(batches, "images"), cfg)
     # 48 positions = two full permutations of the 20 files and 8 of a third: the 19 readable ones at least twice.
     assert all(ids.count(i) >= 2 for i in range(19)) and sum(int(b["skipped"]) for b in batches) >= 2
+
+
+# ------------------------------------------------------------------------------------------- shard patterns
+def test_expand_shards_brace_alternatives_inside_comma_lists(tmp_path: Path) -> None:
+    for name in ("x-a.tar", "x-b.tar", "y-0.tar", "y-1.tar", "z.tar"):
+        (tmp_path / name).write_bytes(b"")
+    t = str(tmp_path)
+    # Commas inside braces are alternatives, commas outside separate list entries; globs and ranges combine.
+    assert expand_shards(f"{t}/x-{{a,b}}.tar") == [f"{t}/x-a.tar", f"{t}/x-b.tar"]
+    assert expand_shards(f"{t}/x-{{a,b}}.tar, {t}/y-{{0..1}}.tar,{t}/z.*") == [
+        f"{t}/x-a.tar",
+        f"{t}/x-b.tar",
+        f"{t}/y-0.tar",
+        f"{t}/y-1.tar",
+        f"{t}/z.tar",
+    ]
+    assert expand_shards(f"{t}/z.tar,{t}/x-a.tar,") == [f"{t}/z.tar", f"{t}/x-a.tar"]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "detail"),
+    [("x-{a,b.tar", "1 '{' left open"), ("x-a}.tar", "'}' at position 3"), ("a.tar,x-{0..2.tar", "left open")],
+)
+def test_unbalanced_braces_are_a_data_error(pattern: str, detail: str) -> None:
+    with pytest.raises(DataError) as info:
+        expand_shards(pattern)
+    message = str(info.value)
+    assert f"data.path={pattern!r}" in message and "unbalanced braces" in message and detail in message
+    assert "accepted: a brace pattern" in message
+
+
+def test_unbalanced_braces_exit_cleanly_from_the_command_line(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "pretrain", "--config", "configs/demo_cpu.yaml", f"data.path={tmp_path}/x-{{a,b.tar"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "unbalanced braces" in run.stderr and "Traceback" not in run.stderr
+
+
+# -------------------------------------------------------------------------------------- tar-level errors
+def cut_shard(shard_dir: Path, shard: str, sample: int) -> int:
+    """Byte offset of the image data of the ``sample``-th sample of ``shard`` (samples in order of the shard)."""
+    with tarfile.open(shard_dir / shard) as tar:
+        images = [m for m in tar.getmembers() if m.name.endswith(".png")]
+        return images[sample].offset_data
+
+
+def header_of(shard_dir: Path, shard: str, sample: int) -> int:
+    """Byte offset of the first tar header of the ``sample``-th sample of ``shard``."""
+    with tarfile.open(shard_dir / shard) as tar:
+        keys: list[str] = []
+        for member in tar.getmembers():
+            key = member.name.partition(".")[0]
+            if key not in keys:
+                keys.append(key)
+                if len(keys) == sample + 1:
+                    return member.offset
+    raise AssertionError(f"{shard} has fewer than {sample + 1} samples")
+
+
+def one_shard_cfg(path: Path, *extra: str) -> PretrainConfig:
+    # Batches of 1 from one shard read in order (no shuffling), cycled: batch k is sample k of the shard's good prefix.
+    return load_config(
+        None,
+        [
+            *MODEL,
+            f"data.path={path}",
+            "data.batch_size=1",
+            "data.num_workers=0",
+            "data.resampled=false",
+            "data.shuffle_buffer=1",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture
+def six_samples(tmp_path: Path) -> Path:
+    """One shard of six PNGs with its sizes.json, written by the shard writer."""
+    write_colours(tmp_path / "src", range(6))
+    write_shards(tmp_path / "src", tmp_path / "out", maxcount=6, progress=False)
+    return tmp_path / "out"
+
+
+@pytest.mark.filterwarnings("ignore:skipping sample .* no image entry")  # the partial sample
+def test_truncated_shard_counts_exactly_the_lost_samples(six_samples: Path) -> None:
+    shard = six_samples / "shard-000000.tar"
+    # Cut inside the image of sample 3: samples 0-2 survive, sample 3 is partial (no image), 4 and 5 are gone.
+    data = shard.read_bytes()
+    shard.write_bytes(data[: cut_shard(six_samples, shard.name, 3) + 100])
+    cfg = one_shard_cfg(shard, "data.samples_per_epoch=4")
+    with pytest.warns(UserWarning, match=r"read 4 samples of the 6 listed in sizes\.json; 2 counted as skipped; tar"):
+        batches = collect(cfg, rank=0, world_size=1)
+    # Batches 1-3: samples 0-2; the fourth comes from the next pass over the shard and carries the 3 lost samples.
+    assert [ids_of(b["images"], cfg)[0] for b in batches] == [0, 1, 2, 0]
+    assert [int(b["skipped"]) for b in batches] == [0, 0, 0, 3]
+
+
+def test_bad_header_mid_shard_is_counted_through_the_size_index(six_samples: Path) -> None:
+    # Python's tarfile ends the archive silently at an invalid header after the first one: no error to catch, the size
+    # index reveals the loss.
+    shard = six_samples / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    start = header_of(six_samples, shard.name, 4)
+    data[start : start + 100] = b"\x07" * 100
+    shard.write_bytes(bytes(data))
+    cfg = one_shard_cfg(shard, "data.samples_per_epoch=5")
+    with pytest.warns(UserWarning, match=r"read 4 samples of the 6 listed in sizes\.json; 2 counted as skipped"):
+        batches = collect(cfg, rank=0, world_size=1)
+    assert [ids_of(b["images"], cfg)[0] for b in batches] == [0, 1, 2, 3, 0]
+    assert [int(b["skipped"]) for b in batches] == [0, 0, 0, 0, 2]
+
+
+@pytest.mark.filterwarnings("ignore:skipping sample .* no image entry")  # the partial sample
+def test_truncated_shard_without_size_index_counts_the_broken_shard(six_samples: Path, tmp_path: Path) -> None:
+    shard = tmp_path / "bare-000000.tar"  # no sizes.json beside it
+    data = (six_samples / "shard-000000.tar").read_bytes()
+    shard.write_bytes(data[: cut_shard(six_samples, "shard-000000.tar", 3) + 100])
+    cfg = one_shard_cfg(shard, "data.samples_per_epoch=4")
+    with pytest.warns(UserWarning, match=r"read 4 samples; 1 counted as skipped; tar errors: ReadError: unexpected"):
+        batches = collect(cfg, rank=0, world_size=1)
+    # How much of the shard was lost is unknown without the index: the broken shard counts 1, the partial sample 1.
+    assert [int(b["skipped"]) for b in batches] == [0, 0, 0, 2]
+
+
+@pytest.mark.filterwarnings("ignore:shard .* read 0 samples")
+def test_shards_that_yield_nothing_stop_with_a_data_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "junk-000000.tar"
+    garbage.write_bytes(b"this is not a tar file" * 40)
+    cfg = one_shard_cfg(garbage, "data.samples_per_epoch=4", "data.resampled=true")
+    with pytest.raises(DataError, match=r"64 shards in a row gave no sample .*junk-000000\.tar"):
+        collect(cfg, rank=0, world_size=1)
+
+
+# ------------------------------------------------------------------------------------------- resampled workers
+@pytest.mark.slow
+def test_resampled_two_workers_equal_lengths_distinct_streams(shard_dir: Path) -> None:
+    cfg = shard_cfg(shard_dir, "data.num_workers=2")  # resampled (the default)
+    in_process = shard_cfg(shard_dir, "data.num_workers=0")
+    streams = []
+    for rank in (0, 1):
+        batches = collect(cfg, rank=rank, world_size=2)
+        assert len(batches) == steps_per_epoch(cfg, 2) == 6  # every rank the same number of batches
+        # The DataLoader takes batches from its workers round-robin: even batches from worker 0, odd from worker 1.
+        workers = [batches[0::2], batches[1::2]]
+        assert [len(w) for w in workers] == [3, 3]
+        streams += [torch.cat([b["images"] for b in w]) for w in workers]
+        # Worker 0's stream is seeded by (seed, epoch, rank, worker 0): the first half of the in-process stream.
+        alone = collect(in_process, rank=rank, world_size=2)
+        assert torch.equal(streams[-2], torch.cat([b["images"] for b in alone[:3]]))
+        assert not torch.equal(streams[-1], torch.cat([b["images"] for b in alone[3:]]))
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not torch.equal(streams[i], streams[j]), (i, j)
+
+
+# ------------------------------------------------------------------------------------------- transform constants
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def test_transform_constants_of_the_official_pipeline() -> None:
+    for recipe in sorted((ROOT / "configs").glob("*.yaml")):
+        d = load_config(recipe).data
+        assert d.hflip == 0.5 and d.mean == IMAGENET_MEAN and d.std == IMAGENET_STD, recipe.name
+        assert d.crop_scale == [0.67, 1.0] and d.crop_ratio == pytest.approx([3 / 4, 4 / 3]), recipe.name
+    transform = SimMIMTransform(load_config(None, MODEL))
+    assert transform.hflip == 0.5 and transform.mean == IMAGENET_MEAN and transform.std == IMAGENET_STD
+    assert transform.scale == (0.67, 1.0) and transform.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert transform.interpolation == TF.InterpolationMode.BILINEAR
+
+
+def test_transform_output_is_crop_bilinear_resize_flip_normalise() -> None:
+    transform = SimMIMTransform(load_config(None, MODEL))
+    # Square, so that crops over the whole aspect range fit at every scale.
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (160, 160, 3), dtype=np.uint8))
+    flips = 0
+    areas, aspects = [], []
+    for seed in range(200):
+        tensor, _ = transform(image, np.random.default_rng(seed))
+        # The same draws, applied by hand with the official constants.
+        rng = np.random.default_rng(seed)
+        top, left, h, w = transform.crop_params(rng, 160, 160)
+        areas.append(h * w / 160**2)
+        aspects.append(w / h)
+        flip = rng.random() < 0.5
+        crop = TF.resized_crop(image, top, left, h, w, [64, 64], TF.InterpolationMode.BILINEAR, antialias=True)
+        expected = TF.normalize(TF.to_tensor(TF.hflip(crop) if flip else crop), IMAGENET_MEAN, IMAGENET_STD)
+        assert torch.equal(tensor, expected), seed
+        if seed == 0:
+            bicubic = TF.resized_crop(image, top, left, h, w, [64, 64], TF.InterpolationMode.BICUBIC, antialias=True)
+            bicubic = TF.normalize(TF.to_tensor(TF.hflip(bicubic) if flip else bicubic), IMAGENET_MEAN, IMAGENET_STD)
+            assert not torch.allclose(tensor, bicubic, atol=1e-3)  # the comparison tells the interpolations apart
+        flips += flip
+    assert 80 <= flips <= 120  # p = 0.5: 200 draws, standard deviation ~7
+    # The sampled crops span the accepted ranges (a narrower range would not reach these).
+    assert min(areas) < 0.70 and max(areas) > 0.97
+    assert min(aspects) < 0.8 and max(aspects) > 1.25

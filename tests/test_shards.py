@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pretrain import shards
 from pretrain.sample_data import sample_image_files, write_sample_shards
-from pretrain.shards import main, write_shards
+from pretrain.shards import ShardError, main, write_shards
 
 
 def make_folder(root: Path) -> dict[str, tuple[int, int]]:
@@ -120,3 +121,77 @@ def test_sample_data_packs_skimage_photos(tmp_path: Path) -> None:
     report = write_sample_shards(tmp_path / "sample", maxcount=8)
     assert report["written"] == len(photos) >= 10 and not report["unreadable"]
     assert sum(json.loads((tmp_path / "sample" / "sizes.json").read_text()).values()) == len(photos)
+
+
+def unreadable_folder(root: Path) -> Path:
+    """Two files with image extensions that no decoder accepts."""
+    root.mkdir(parents=True)
+    (root / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    (root / "b.png").write_bytes(b"\x89PNG broken")
+    return root
+
+
+def test_source_without_a_readable_image_is_an_error_that_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = unreadable_folder(tmp_path / "bad")
+    with pytest.raises(ShardError, match=r"none of the 2 image files under .*bad.* could be read"):
+        write_shards(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert main([str(src), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "none of the 2 image files" in capsys.readouterr().err
+    # With --force over a finished shard folder, the old shards and index stay as they were.
+    good, out = tmp_path / "good", tmp_path / "kept"
+    make_folder(good)
+    write_shards(good, out, maxcount=4, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ShardError):
+        write_shards(src, out, force=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_output_path_that_is_a_file_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    make_folder(src)
+    a_file = tmp_path / "out.tar"
+    a_file.write_bytes(b"x")
+    with pytest.raises(ShardError, match=r"output folder .*out\.tar.* is a file"):
+        write_shards(src, a_file, progress=False)
+    assert main([str(src), str(a_file), "--no-progress"]) == 2
+    assert "is a file; give the path of a folder" in capsys.readouterr().err
+    assert main([str(src), str(a_file / "sub"), "--no-progress", "--force"]) == 2
+    assert "cannot be created" in capsys.readouterr().err
+    assert a_file.read_bytes() == b"x"
+
+
+def test_force_removes_partial_files_of_a_crashed_run(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_folder(src)
+    out.mkdir()
+    (out / "shard-000007.tar.partial").write_bytes(b"half a shard")
+    (out / "sizes.json.partial").write_text("{")
+    with pytest.raises(FileExistsError):  # leftovers alone make the folder non-empty
+        write_shards(src, out, progress=False)
+    report = write_shards(src, out, maxcount=4, force=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [*sorted(report["shards"]), "sizes.json"]
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_folder(src)
+    real_encode = shards._encode
+    calls = []
+
+    def encode_then_interrupt(path: Path) -> tuple[str, bytes]:
+        calls.append(path)
+        # Files in order: cat/a.jpg, cat/b.png (shard 0), cat/broken.jpg (unreadable), dog/c.webp (shard 1), then
+        # the interruption while shard 1 is open.
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_encode(path)
+
+    monkeypatch.setattr(shards, "_encode", encode_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(src, out, maxcount=2, progress=False)
+    # The finished first shard stays; the open second one is removed; no index, so the loader refuses the folder.
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar"]
