@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # SimMIM pretraining on SLURM through the deepspeed launcher (for clusters that prefer it to srun).
 #   mkdir -p logs && sbatch slurm/pretrain_deepspeed.sh --config configs/simmim_swinv2_base_192_w12.yaml [key=value ...]
-# One batch task writes a hostfile for the allocation (launch/hostfile_from_slurm.sh) and runs `deepspeed --hostfile`,
-# which starts the processes on every node over passwordless ssh (pdsh). Without ssh between nodes use
-# slurm/pretrain.sh (srun) instead. Requeue-on-preemption works as in slurm/pretrain.sh, with one difference: the
-# deepspeed launcher does not pass USR1 on (USR1 would end it), so this shell signals the training processes that the
-# launcher started on this node (found by walking the launcher's process tree from its pid). That is enough: the
-# trainer shares the flag with every rank through a collective at the next step boundary, all ranks save a complete
-# checkpoint and exit 75, and the job is requeued.
-# Environment: CONFIG, DEEPSPEED (launcher executable, default `deepspeed` on PATH), SLOTS_PER_NODE (processes per
-# node, default the GPUs SLURM allocated), MAX_RESTARTS (default 20).
+# Submit from the repository root (or with --chdir to it). One batch task writes a hostfile for the allocation
+# (launch/hostfile_from_slurm.sh) and runs `deepspeed --hostfile`, which starts the processes on every node over
+# passwordless ssh (pdsh); on one node it starts them locally (`--num_gpus`). Without ssh between nodes use
+# slurm/pretrain.sh (srun) instead.
+# Everything else works as in slurm/pretrain.sh, through the same slurm/common.sh: the config check, MASTER_ADDR (the
+# first node) and MASTER_PORT (kept when set, else 20000 + job id % 20000), the NCCL and debugging environment
+# (written to a DeepSpeed environment file for the other nodes too), and the requeue decision (MAX_RESTARTS,
+# REQUEUE_ON_CRASH). One difference on preemption: the deepspeed launcher does not pass USR1 on (USR1 would end it),
+# so this shell signals the training processes that the launcher started on this node (found by walking the
+# launcher's process tree from its pid). That is enough: the trainer shares the flag with every rank through a
+# collective at the next step boundary, all ranks save a complete checkpoint and exit 75, and the job is requeued.
+# Environment: as slurm/pretrain.sh (CONFIG, PYTHON, GPUS_PER_NODE, MAX_RESTARTS, REQUEUE_ON_CRASH, MASTER_PORT,
+# NCCL_DEBUG), plus DEEPSPEED (launcher executable, default `deepspeed` on PATH) and SLOTS_PER_NODE (processes per
+# node, default the GPUs SLURM allocated, else 1).
 #
 #SBATCH --job-name=swinv2-simmim-ds
 #SBATCH --nodes=2
@@ -23,27 +28,29 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 set -uo pipefail
-say() { echo "[slurm/pretrain_deepspeed.sh $(date +%H:%M:%S) job ${SLURM_JOB_ID:-?}] $*"; }
-[[ -n "${SLURM_JOB_ID:-}" ]] || { echo "submit with sbatch" >&2; exit 2; }
-args=("$@")
-[[ -n "${CONFIG:-}" ]] && args=(--config "$CONFIG" "${args[@]}")
-slots="${SLOTS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
-hostfile="logs/hostfile-$SLURM_JOB_ID"
-mkdir -p logs
-# sbatch runs a copy of this script from its spool directory, so the repository is the job's working directory
-# (where sbatch was called, or --chdir), not this file's directory.
-if ! bash launch/hostfile_from_slurm.sh "$hostfile" "$slots"; then
-    say "could not write the hostfile with launch/hostfile_from_slurm.sh: submit from the repository root (or --chdir)"
+
+SCRIPT_NAME=slurm/pretrain_deepspeed.sh
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    echo "$SCRIPT_NAME is a batch script: submit it with sbatch (see its header)" >&2
     exit 2
 fi
-master="$(head -n 1 "$hostfile" | cut -d' ' -f1)"
-DEEPSPEED="${DEEPSPEED:-deepspeed}"
-say "deepspeed launcher: $(wc -l < "$hostfile") nodes x $slots processes, master $master"
+# sbatch runs a copy of this file from slurmd's spool directory: find slurm/common.sh next to the submitted file (the
+# path SLURM recorded for the job), else under the job's working directory.
+submitted="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p')"
+for common in "$(dirname "${submitted:-.}")/common.sh" slurm/common.sh; do
+    [[ -f "$common" ]] && break
+done
+if [[ ! -f "$common" ]]; then
+    echo "$SCRIPT_NAME: slurm/common.sh not found next to '$submitted' nor under $PWD: submit from the repository root" >&2
+    exit 2
+fi
+
 # The launcher's descendants that run `-m pretrain` (the ranks on this node), by pid.
 trainer_pids() {
     local queue=("$1") found=() p child
     while ((${#queue[@]})); do
-        p="${queue[0]}"; queue=("${queue[@]:1}")
+        p="${queue[0]}"
+        queue=("${queue[@]:1}")
         for child in $(pgrep -P "$p"); do
             if tr '\0' ' ' < "/proc/$child/cmdline" 2>/dev/null | grep -q -- '-m pretrain'; then
                 found+=("$child")
@@ -54,36 +61,62 @@ trainer_pids() {
     done
     echo "${found[@]}"
 }
-forward() {
+forward_signal() {
     local pids
-    pids="$(trainer_pids "$pid")"
-    say "received SIG$1: sending USR1 to the training processes on this node (${pids:-none found}); every rank saves" \
-        "a checkpoint at the next step boundary"
+    pids="$(trainer_pids "$_child")"
+    [[ -n "$pids" ]] || return 1
+    say "sending USR1 to the training processes on this node ($pids)"
     # shellcheck disable=SC2086
-    [[ -n "$pids" ]] && kill -USR1 $pids 2>/dev/null
+    kill -USR1 $pids 2>/dev/null
+    return 0
 }
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-if (( $(wc -l < "$hostfile") > 1 )); then
+# shellcheck source=slurm/common.sh
+source "$common"
+
+slurm_trainer_args "$@"
+slurm_master
+gpus="$(slurm_gpus_per_node)"
+slots="${SLOTS_PER_NODE:-$gpus}"
+((slots > 0)) || slots=1
+threads=$((${SLURM_CPUS_PER_TASK:-$slots} / slots))
+((threads > 0)) || threads=1
+slurm_env "$gpus" "$threads"
+
+mkdir -p logs
+hostfile="logs/hostfile-$SLURM_JOB_ID"
+if ! bash launch/hostfile_from_slurm.sh "$hostfile" "$slots"; then
+    say "could not write the hostfile with launch/hostfile_from_slurm.sh: submit from the repository root (or --chdir)"
+    exit 1
+fi
+nodes="$(wc -l < "$hostfile")"
+if ((nodes > 1)); then
     where=(--hostfile "$hostfile")
+    # The launcher passes only NCCL*, PYTHON*, UCX*, MV2* and MLFLOW* variables on to the other nodes by itself; the
+    # rest goes through its environment file (read from $HOME and from here, under the name DS_ENV_FILE, default
+    # .deepspeed_env). Ours comes first, then the user's own, which wins.
+    envfile="$PWD/logs/deepspeed_env-$SLURM_JOB_ID"
+    name="${DS_ENV_FILE:-.deepspeed_env}"
+    case "$name" in
+        /*) user_files=("$name") ;;
+        *) user_files=("$HOME/$name" "$PWD/$name") ;;
+    esac
+    {
+        for var in OMP_NUM_THREADS TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_DUMP_ON_TIMEOUT PYTORCH_ALLOC_CONF; do
+            [[ -n "${!var:-}" ]] && echo "$var=${!var}"
+        done
+        for f in "${user_files[@]}"; do
+            [[ -f "$f" ]] && grep '=' "$f"
+        done
+    } > "$envfile"
+    export DS_ENV_FILE="$envfile"
 else
     # One node: the launcher would insist on ssh to a hostfile's single host, so start the processes locally.
     where=(--num_gpus "$slots")
 fi
-"$DEEPSPEED" "${where[@]}" --master_addr "$master" --master_port $((20000 + SLURM_JOB_ID % 20000)) \
-    --module pretrain "${args[@]}" &
-pid=$!
-while true; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done
-case "$rc" in
-    0) say "training finished; not requeued" ;;
-    75) if (( ${SLURM_RESTART_COUNT:-0} < ${MAX_RESTARTS:-20} )); then
-            say "checkpoint saved after preemption: requeueing job $SLURM_JOB_ID; it resumes from that checkpoint"
-            scontrol requeue "$SLURM_JOB_ID" && exit 0
-            say "scontrol requeue failed (job cancelled, or submitted without --requeue?): resubmit to resume"
-        else
-            say "not requeued: ${SLURM_RESTART_COUNT:-0} restarts already (MAX_RESTARTS=${MAX_RESTARTS:-20})"
-        fi ;;
-    2) say "configuration or data error (exit 2, message above); not requeued" ;;
-    *) say "training failed with exit code $rc; not requeued" ;;
-esac
-exit "$rc"
+DEEPSPEED="${DEEPSPEED:-deepspeed}"
+say "deepspeed launcher: $nodes nodes x $slots processes, gpus/node=$gpus master=$MASTER_ADDR:$MASTER_PORT" \
+    "restarts=$restarts/$MAX_RESTARTS"
+say "command: $DEEPSPEED ${where[*]} --master_addr $MASTER_ADDR --master_port $MASTER_PORT --module pretrain ${args[*]}"
+slurm_launch "$DEEPSPEED" "${where[@]}" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    --module pretrain "${args[@]}"
+slurm_finish "$rc"

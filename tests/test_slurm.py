@@ -74,8 +74,8 @@ def stop_other_clusters() -> None:
         _stop_cluster(_RUNNING.pop())
 
 
-def _sbatch(env: dict[str, str], log: Path, sbatch_args: list[str], job_args: list[str], wait: bool = False) -> str:
-    cmd = [
+def _sbatch_cmd(log: Path, sbatch_args: list[str], script: str = "pretrain.sh") -> list[str]:
+    return [
         "sbatch",
         "--parsable",
         f"--output={log}",
@@ -85,15 +85,33 @@ def _sbatch(env: dict[str, str], log: Path, sbatch_args: list[str], job_args: li
         "--time=15",
         f"--chdir={REPO}",
         *sbatch_args,
+        str(REPO / "slurm" / script),
     ]
-    if wait:
-        cmd.append("--wait")
+
+
+def _sbatch(env: dict[str, str], log: Path, sbatch_args: list[str], job_args: list[str]) -> str:
+    """Submit slurm/pretrain.sh; returns the job id."""
     proc = subprocess.run(
-        [*cmd, str(REPO / "slurm" / "pretrain.sh"), *job_args], env=env, capture_output=True, text=True, timeout=900
+        [*_sbatch_cmd(log, sbatch_args), *job_args], env=env, capture_output=True, text=True, timeout=60
     )
-    if not wait:
-        assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
+
+
+def _sbatch_wait(
+    env: dict[str, str], log: Path, sbatch_args: list[str], job_args: list[str], script: str = "pretrain.sh"
+) -> tuple[str, int]:
+    """`sbatch --wait`: (job id, sbatch's exit code, which is the job's)."""
+    proc = subprocess.run(
+        [*_sbatch_cmd(log, ["--wait", *sbatch_args], script), *job_args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    job_id = proc.stdout.strip().split(";")[0]
+    assert job_id.isdigit(), proc.stdout + proc.stderr
+    return job_id, proc.returncode
 
 
 def _job(env: dict[str, str], job_id: str) -> dict[str, str]:
@@ -111,43 +129,95 @@ def _wait_state(env: dict[str, str], job_id: str, states: tuple[str, ...], timeo
     pytest.fail(f"job {job_id} did not reach {states}: {_job(env, job_id)}")
 
 
-def test_one_node_two_tasks_trains_and_checkpoints(one_node: dict[str, str], images: Path, tmp_path: Path) -> None:
-    log = tmp_path / "job.out"
-    job_args = [
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+
+def _tiny_job(run: Path, images: Path, steps: int) -> list[str]:
+    return [
         "--config",
         "configs/demo_cpu.yaml",
-        *tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 3, "distributed.zero_stage": 2}),
+        *tiny_overrides(run, images, **{"training.max_steps": steps, "distributed.zero_stage": 2}),
     ]
-    job_id = _sbatch(one_node, log, ["--nodes=1", "--ntasks-per-node=2"], job_args)
-    # The conversion runs as a dependent job, as the README recommends.
-    convert_log = tmp_path / "convert.out"
-    convert = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            f"--dependency=afterok:{job_id}",
-            f"--output={convert_log}",
-            f"--error={convert_log}",
-            "--cpus-per-task=1",
-            "--time=10",
-            f"--chdir={REPO}",
-            str(REPO / "slurm" / "convert.sh"),
-            str(tmp_path / "run"),
-        ],
-        env=one_node,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert convert.returncode == 0, convert.stderr
-    info = _wait_state(one_node, job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+
+
+def _wait_for_step(log: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (log.exists() and f"step={step}/" in log.read_text()):
+        time.sleep(0.3)
+    assert log.exists() and f"step={step}/" in log.read_text(), log.read_text()[-3000:] if log.exists() else "no log"
+
+
+def _seconds(stamp: str) -> float:
+    return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
+
+
+def test_launch_wait_keeps_exit_code_when_signal_and_exit_coincide() -> None:
+    """slurm/common.sh's slurm_launch: a USR1 that arrives just as the launcher exits 75 must not turn into 138.
+
+    The child signals the batch shell and exits at once, the race of a preempted job that saved and exited while the
+    shell's trap ran; bash's own `wait` then returns 138 and sometimes loses the status. No SLURM daemons needed.
+    """
+    script = r"""
+        SCRIPT_NAME=test SLURM_JOB_ID=1
+        forward_signal() { return 0; }
+        source slurm/common.sh
+        wrong=0
+        for i in $(seq 60); do
+            signalled=""; _child=""
+            slurm_launch bash -c 'kill -USR1 "$1"; exit 75' _ $$ > /dev/null
+            [[ $rc == 75 ]] || { wrong=$((wrong + 1)); echo "exit 75 read as $rc"; }
+            signalled=""; _child=""
+            slurm_launch bash -c 'kill -TERM "$1"; sleep 0.02; exit 3' _ $$ > /dev/null
+            [[ $rc == 3 ]] || { wrong=$((wrong + 1)); echo "exit 3 read as $rc"; }
+        done
+        signalled=""; _child=""
+        slurm_launch true; [[ $rc == 0 ]] || { wrong=$((wrong + 1)); echo "exit 0 read as $rc"; }
+        echo "wrong=$wrong"
+    """
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "wrong=0" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_one_node_two_tasks_trains_and_checkpoints(one_node: dict[str, str], images: Path, tmp_path: Path) -> None:
+    log = tmp_path / "job.out"
+    cmd = [*_sbatch_cmd(log, ["--wait", "--nodes=1", "--ntasks-per-node=2"]), *_tiny_job(tmp_path / "run", images, 3)]
+    train = subprocess.Popen(cmd, env=one_node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = train.stdout.readline().strip().split(";")[0]
+        assert job_id.isdigit(), train.stderr.read()
+        # The conversion runs as a dependent job, as the README recommends.
+        convert_log = tmp_path / "convert.out"
+        convert = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--wait",
+                f"--dependency=afterok:{job_id}",
+                f"--output={convert_log}",
+                f"--error={convert_log}",
+                "--cpus-per-task=1",
+                "--time=10",
+                f"--chdir={REPO}",
+                str(REPO / "slurm" / "convert.sh"),
+                str(tmp_path / "run"),
+            ],
+            env=one_node,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        train_rc = train.wait(timeout=900)
+    finally:
+        if train.poll() is None:
+            train.kill()
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED", text[-3000:]
-    convert_info = _wait_state(one_node, convert.stdout.strip().split(";")[0], ("COMPLETED", "FAILED", "CANCELLED"))
-    assert convert_info["JobState"] == "COMPLETED", convert_log.read_text()[-3000:]
+    assert train_rc == 0, text[-3000:]
+    assert _job(one_node, job_id)["JobState"] == "COMPLETED"
+    assert convert.returncode == 0, convert.stderr + convert_log.read_text()[-3000:]
     assert (tmp_path / "run" / "export" / "simmim-step-3.safetensors").is_file()
     assert (tmp_path / "run" / "export" / "backbone-step-3.safetensors").is_file()
     assert "rank=0 local_rank=0 world_size=2 nodes=1" in text and "rank=1 local_rank=1 world_size=2 nodes=1" in text
+    assert "cpus/task=1 " in text  # SRUN_CPUS_PER_TASK: srun (22.05+) gets the job's --cpus-per-task
     assert "launcher=slurm" in text and "step=3/3" in text
     assert "training finished (exit 0); not requeued" in text
     assert (tmp_path / "run" / "checkpoints" / "step-3" / "COMPLETE").is_file()
@@ -155,27 +225,19 @@ def test_one_node_two_tasks_trains_and_checkpoints(one_node: dict[str, str], ima
 
 def test_preemption_saves_requeues_and_resumes(one_node: dict[str, str], images: Path, tmp_path: Path) -> None:
     log = tmp_path / "job.out"
-    job_args = [
-        "--config",
-        "configs/demo_cpu.yaml",
-        *tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 60, "distributed.zero_stage": 2}),
-    ]
-    job_id = _sbatch(one_node, log, ["--nodes=1", "--ntasks-per-node=2"], job_args)
-    deadline = time.time() + 600
-    while time.time() < deadline and not (log.exists() and "step=3/" in log.read_text()):
-        time.sleep(0.3)
-    assert "step=3/" in log.read_text(), log.read_text()[-3000:]
+    job_id = _sbatch(one_node, log, ["--nodes=1", "--ntasks-per-node=2"], _tiny_job(tmp_path / "run", images, 60))
+    _wait_for_step(log, 3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=one_node, check=True)
     # The job is requeued and held (BeginTime) by SLURM: release it at once.
     deadline = time.time() + 300
     while time.time() < deadline:
         info = _job(one_node, job_id)
-        if info.get("Restarts", "0") != "0" or info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
+        if info.get("Restarts", "0") != "0" or info.get("JobState") in DONE:
             break
         time.sleep(0.3)
     assert info.get("Restarts") == "1", log.read_text()[-3000:]
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=one_node, check=True)
-    info = _wait_state(one_node, job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    info = _wait_state(one_node, job_id, DONE)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
     assert "received SIGUSR1" in text and "requeueing job" in text
@@ -187,19 +249,43 @@ def test_preemption_saves_requeues_and_resumes(one_node: dict[str, str], images:
     assert "step=60/60" in second_run and "training finished (exit 0); not requeued" in second_run
 
 
+def test_sigterm_saves_and_restart_cap_stops_requeue(one_node: dict[str, str], images: Path, tmp_path: Path) -> None:
+    """SIGTERM to the batch shell is handled like USR1 (checkpoint, exit 75); MAX_RESTARTS=0 forbids the requeue."""
+    log = tmp_path / "job.out"
+    env = {**one_node, "MAX_RESTARTS": "0"}
+    job_id = _sbatch(env, log, ["--nodes=1", "--ntasks-per-node=1"], _tiny_job(tmp_path / "run", images, 60))
+    _wait_for_step(log, 2)
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job_id], env=one_node, check=True)
+    info = _wait_state(one_node, job_id, DONE, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0" and info["ExitCode"] == "75:0", text[-3000:]
+    assert "received SIGTERM: asking every rank to save a checkpoint" in text, text[-3000:]
+    saved = int(re.search(r"complete checkpoint saved at step=(\d+)", text).group(1))
+    assert (tmp_path / "run" / "checkpoints" / f"step-{saved}" / "COMPLETE").is_file()
+    assert (
+        "not requeued: checkpoint saved after SIGTERM (exit 75), but the job has already been requeued 0 times "
+        "(MAX_RESTARTS=0)" in text
+    ), text[-3000:]
+    assert "requeueing job" not in text
+
+
 def test_bad_config_fails_fast_and_is_not_requeued(one_node: dict[str, str], tmp_path: Path) -> None:
     log = tmp_path / "job.out"
-    job_id = _sbatch(
-        one_node,
-        log,
-        ["--nodes=1", "--ntasks-per-node=1"],
-        ["--config", "configs/demo_cpu.yaml", "model.window_size=5"],
+    job_id, rc = _sbatch_wait(
+        one_node, log, ["--nodes=1", "--ntasks-per-node=1"], ["--config=configs/demo_cpu.yaml", "model.window_size=5"]
     )
-    info = _wait_state(one_node, job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
     text = log.read_text()
-    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text
+    info = _job(one_node, job_id)
+    assert rc == 2 and info["JobState"] == "FAILED" and info["Restarts"] == "0", text
+    # Checked once in the batch shell before any rank starts: seconds, not the minutes of a collective timeout.
+    assert _seconds(info["EndTime"]) - _seconds(info["StartTime"]) <= 60, info
     assert "config error: model.img_size=96 with model.window_size=5" in text
-    assert "configuration or data error (exit 2, message above); not requeued" in text
+    assert "nothing was started; not requeued" in text and "srun" not in text.split("config error", 1)[1]
+    # No config at all: refused before anything runs.
+    log2 = tmp_path / "none.out"
+    job_id, rc = _sbatch_wait(one_node, log2, ["--nodes=1", "--ntasks-per-node=1"], ["training.max_steps=1"])
+    assert rc == 2 and _job(one_node, job_id)["Restarts"] == "0", log2.read_text()
+    assert "no config given: pass --config FILE (or --config=FILE) or set CONFIG=FILE; not requeued" in log2.read_text()
 
 
 def test_deepspeed_launcher_preemption_saves_and_requeues(
@@ -208,33 +294,20 @@ def test_deepspeed_launcher_preemption_saves_and_requeues(
     """slurm/pretrain_deepspeed.sh: hostfile from the allocation, 2 ranks by the launcher; USR1 reaches them."""
     log = tmp_path / "job.out"
     env = {**one_node, "SLOTS_PER_NODE": "2", "DEEPSPEED": str(Path(PYTHON).parent / "deepspeed")}
-    job_args = [
-        "--config",
-        "configs/demo_cpu.yaml",
-        *tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 60, "distributed.zero_stage": 2}),
-    ]
-    cmd = [
-        "sbatch",
-        "--parsable",
-        f"--output={log}",
-        f"--error={log}",
-        "--gpus-per-node=0",
-        "--nodes=1",
-        "--ntasks-per-node=1",
-        "--cpus-per-task=2",
-        "--time=15",
-        f"--chdir={REPO}",
-        str(REPO / "slurm" / "pretrain_deepspeed.sh"),
-        *job_args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            *_sbatch_cmd(log, ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2"], "pretrain_deepspeed.sh"),
+            *_tiny_job(tmp_path / "run", images, 60),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (log.exists() and "step=3/" in log.read_text()):
-            time.sleep(0.3)
-        assert "step=3/" in log.read_text(), log.read_text()[-3000:]
+        _wait_for_step(log, 3)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=one_node, check=True)
         deadline = time.time() + 300
         while time.time() < deadline and "requeueing job" not in log.read_text():
@@ -242,13 +315,15 @@ def test_deepspeed_launcher_preemption_saves_and_requeues(
         text = log.read_text()
         assert "hostfile" in text and "1 nodes x 2 processes" in text, text[-3000:]
         assert "rank=1 local_rank=1 world_size=2 nodes=1" in text, text[-3000:]
-        assert "received SIGUSR1: sending USR1 to the training processes on this node" in text, text[-3000:]
+        assert "received SIGUSR1: asking every rank to save" in text, text[-3000:]
+        assert "sending USR1 to the training processes on this node" in text, text[-3000:]
         saved = int(re.search(r"complete checkpoint saved at step=(\d+)", text).group(1))
         assert (tmp_path / "run" / "checkpoints" / f"step-{saved}" / "COMPLETE").is_file()
-        assert f"requeueing job {job_id}" in text
+        assert f"requeueing job {job_id} (checkpoint saved after SIGUSR1 (exit 75)" in text
         assert _job(one_node, job_id).get("Restarts") == "1"
     finally:
         subprocess.run(["scancel", job_id], env=one_node, capture_output=True)
+        (REPO / "logs" / f"hostfile-{job_id}").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="class")
@@ -265,14 +340,46 @@ class TestTwoNodes:
 
     def test_two_nodes_one_task_each(self, images: Path, tmp_path: Path, two_nodes: dict[str, str]) -> None:
         log = tmp_path / "job.out"
-        job_args = [
-            "--config",
-            "configs/demo_cpu.yaml",
-            *tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 3, "distributed.zero_stage": 2}),
-        ]
-        _sbatch(two_nodes, log, ["--nodes=2", "--ntasks-per-node=1"], job_args, wait=True)
+        job_args = _tiny_job(tmp_path / "run", images, 3)
+        job_args[:2] = ["--config=configs/demo_cpu.yaml"]  # the --config=FILE form
+        job_id, rc = _sbatch_wait(two_nodes, log, ["--nodes=2", "--ntasks-per-node=1"], job_args)
         text = log.read_text()
+        assert rc == 0 and _job(two_nodes, job_id)["JobState"] == "COMPLETED", text[-3000:]
         assert "rank=0 local_rank=0 world_size=2 nodes=2 host=n1" in text, text[-3000:]
         assert "rank=1 local_rank=0 world_size=2 nodes=2 host=n2" in text
-        assert "master=n1:" in text and "step=3/3" in text and "not requeued" in text
+        assert "master=n1:" in text and "step=3/3" in text and "training finished (exit 0); not requeued" in text
         assert (tmp_path / "run" / "checkpoints" / "step-3" / "COMPLETE").is_file()
+
+    def test_deepspeed_launcher_on_two_nodes_uses_the_hostfile(
+        self, images: Path, tmp_path: Path, two_nodes: dict[str, str]
+    ) -> None:
+        """The multi-node deepspeed launch needs ssh between nodes, so a stand-in launcher records what it was given:
+        the hostfile of the real 2-node allocation, the master, and the environment file for the other nodes."""
+        stub = tmp_path / "deepspeed"
+        stub.write_text(
+            "#!/usr/bin/env bash\n"
+            'echo "launcher args: $*"\n'
+            'hostfile="$2"; echo "hostfile lines: $(paste -sd, "$hostfile")"\n'
+            'echo "env file: $(paste -sd, "$DS_ENV_FILE")"\n'
+        )
+        stub.chmod(0o755)
+        log = tmp_path / "job.out"
+        env = {**two_nodes, "DEEPSPEED": str(stub), "SLOTS_PER_NODE": "1", "MASTER_PORT": "23456"}
+        job_id, rc = _sbatch_wait(
+            env,
+            log,
+            ["--nodes=2", "--ntasks-per-node=1"],
+            _tiny_job(tmp_path / "run", images, 3),
+            "pretrain_deepspeed.sh",
+        )
+        try:
+            text = log.read_text()
+            assert rc == 0, text
+            assert f"launcher args: --hostfile logs/hostfile-{job_id} --master_addr n1 --master_port 23456 " in text
+            assert "--module pretrain --config configs/demo_cpu.yaml" in text
+            assert "hostfile lines: n1 slots=1,n2 slots=1" in text, text
+            assert "OMP_NUM_THREADS=1" in text.split("env file:", 1)[1], text
+            assert "training finished (exit 0); not requeued" in text
+        finally:
+            for name in (f"hostfile-{job_id}", f"deepspeed_env-{job_id}"):
+                (REPO / "logs" / name).unlink(missing_ok=True)

@@ -4,13 +4,17 @@
 #   bash tests/slurm/cluster.sh stop DIR
 # start installs slurm-wlm and munge when missing (root; apt-get), writes DIR/slurm.conf, starts munged (if not
 # running), slurmctld and one slurmd per node, waits until every node is idle and prints `export SLURM_CONF=...`.
-# stop kills exactly the daemons it started, by the pids recorded in DIR (never by process name).
+# With 2 nodes it adds `127.0.0.1 nN` lines to /etc/hosts for the node names that do not resolve there yet.
+# Everything it starts or adds is recorded in DIR: the pid files of the daemons (munged.pid only when it started
+# munged) and DIR/hosts.added. stop undoes exactly that: it stops those daemons by pid (never by process name; a pid
+# whose process is no longer the daemon is left alone) and removes the /etc/hosts lines it added.
 set -euo pipefail
 
 cmd="${1:?usage: cluster.sh start|stop DIR [NODES]}"
 dir="${2:?usage: cluster.sh start|stop DIR [NODES]}"
 nodes="${3:-1}"
 host="$(hostname)"
+hosts_file="${HOSTS_FILE:-/etc/hosts}" # another file only to test this script
 
 log() { echo "[slurm-cluster] $*" >&2; }
 
@@ -43,7 +47,8 @@ start_munge() {
     else
         su -s /bin/sh munge -c /usr/sbin/munged
     fi
-    pgrep -u munge -n munged > "$dir/munged.pid" || true
+    # munged has daemonized and written its own pid file (default /run/munge/munged.pid): stop reads our copy.
+    cp /run/munge/munged.pid "$dir/munged.pid" || log "munged wrote no pid file: stop will leave it running"
     for _ in $(seq 50); do
         munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return
         sleep 0.1
@@ -90,7 +95,11 @@ CONF
         for i in $(seq 1 "$nodes"); do
             names+=("n$i")
             echo "NodeName=n$i NodeHostname=$host NodeAddr=127.0.0.1 Port=$(( 17000 + i )) CPUs=$cpus RealMemory=$mem State=UNKNOWN" >> "$dir/slurm.conf"
-            grep -qE "^127\.0\.0\.1.*\bn$i\b" /etc/hosts || echo "127.0.0.1 n$i" >> /etc/hosts
+            if ! grep -qE "^127\.0\.0\.1.*\bn$i\b" "$hosts_file"; then
+                echo "127.0.0.1 n$i" >> "$hosts_file"
+                echo "127.0.0.1 n$i" >> "$dir/hosts.added"
+                echo "$hosts_file" > "$dir/hosts.file"
+            fi
         done
         local joined
         joined=$(IFS=,; echo "${names[*]}")
@@ -130,16 +139,47 @@ start() {
     exit 1
 }
 
+# Stop the daemon whose pid is in $1 if that process is still $2 (a pid can be reused once the daemon is gone).
+stop_pid() {
+    local pidfile="$1" name="$2" pid comm
+    [[ -f "$pidfile" ]] || return 0
+    pid="$(cat "$pidfile")"
+    comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
+    if [[ "$pid" =~ ^[0-9]+$ && "$comm" == "$name" ]]; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$pid" 2>/dev/null || true
+        log "stopped $name (pid $pid)"
+    fi
+    rm -f "$pidfile"
+}
+
+# Remove from /etc/hosts the lines listed in DIR/hosts.added, one occurrence each (the last one: start appended it).
+# /etc/hosts is rewritten in place: it can be a bind mount, which cannot be replaced by a rename.
+remove_hosts() {
+    local added="$dir/hosts.added" kept hosts_file
+    [[ -f "$added" ]] || return 0
+    hosts_file="$(cat "$dir/hosts.file")"
+    kept="$(awk 'NR == FNR {drop[$0]++; next} {lines[++n] = $0}
+        END {for (i = n; i > 0; i--) if (drop[lines[i]] > 0) {drop[lines[i]]--; lines[i] = "\001"}
+             for (i = 1; i <= n; i++) if (lines[i] != "\001") print lines[i]}' "$added" "$hosts_file")"
+    printf '%s\n' "$kept" > "$hosts_file"
+    log "removed from $hosts_file: $(paste -sd, "$added")"
+    rm -f "$added" "$dir/hosts.file"
+}
+
 stop() {
     [[ -d "$dir" ]] || return 0
-    for pidfile in "$dir"/slurmd-*.pid "$dir"/slurmctld.pid; do
-        [[ -f "$pidfile" ]] || continue
-        pid=$(cat "$pidfile")
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-        rm -f "$pidfile"
+    local pidfile
+    for pidfile in "$dir"/slurmd-*.pid; do
+        stop_pid "$pidfile" slurmd
     done
+    stop_pid "$dir/slurmctld.pid" slurmctld
+    stop_pid "$dir/munged.pid" munged
+    remove_hosts
     log "stopped the daemons recorded in $dir"
 }
 
