@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -33,7 +34,8 @@ from pretrain.formats import (
     ConversionError,
     ModelSpec,
     backbone_from_simmim,
-    check_against_model,
+    check_weights,
+    coords_table_matches,
     detect_layout,
     effective_windows,
     hf_config,
@@ -44,6 +46,7 @@ from pretrain.formats import (
     official_buffers,
     official_to_hf,
     official_to_timm,
+    pretrained_windows_from_tables,
     rename_legacy,
     save_weights_file,
     spec_from_config,
@@ -60,6 +63,7 @@ __all__ = [
     "inspect_path",
     "main",
     "make_backbone",
+    "name_master_weights",
     "resolve_checkpoint",
     "to_universal",
 ]
@@ -150,14 +154,158 @@ def _has_zero_shards(tag_dir: Path) -> bool:
     return any(tag_dir.glob("*optim_states.pt"))
 
 
-def _consolidated_state_dict(tag_dir: Path, dtype: str) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def _stage0_state_dict(tag_dir: Path, target: torch.dtype) -> dict[str, torch.Tensor]:
+    """Stage 0 (no ZeRO shards): the model-states file holds the whole module, in the training precision.
 
+    Under bf16/fp16 the module holds the low-precision copies; the fp32 master weights live in the optimizer state
+    (DeepSpeed's FP16_UnfusedOptimizer: ``optimizer["fp32_groups"]``, one list of tensors per param group). The
+    module copies are exactly the masters rounded, so they serve as they are for a bf16 output from bf16 training.
+    """
+    path = _model_states_file(tag_dir)
+    # DeepSpeed's own file: it pickles its config objects, so weights_only cannot be used.
+    obj = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    module = obj["module"]
+    low = {v.dtype for v in module.values() if v.is_floating_point() and v.dtype != torch.float32}
+    if not low or low == {target}:
+        return {k: v.to(target) if v.is_floating_point() else v for k, v in module.items()}
+    optimizer = obj.get("optimizer") or {}
+    if "fp32_groups_flat" in optimizer:
+        # FP16_Optimizer (DeepSpeed's or apex's FusedAdam) keeps one flat fp32 buffer per group and no shapes.
+        raise ConversionError(
+            f"{path}: the fp32 master weights were saved flattened per param group (fp32_groups_flat, from a fused "
+            f"Adam), without the shapes needed to split them; this tool cannot recover fp32 weights from it. Use "
+            f"--dtype bf16 for the training-precision weights, or train with ZeRO stage 1-3 or torch's AdamW"
+        )
+    if "fp32_groups" not in optimizer:
+        found = sorted(optimizer) if isinstance(optimizer, Mapping) else type(optimizer).__name__
+        raise ConversionError(
+            f"{path}: the module weights are {', '.join(sorted(str(d).replace('torch.', '') for d in low))} and "
+            f"the optimizer state holds no fp32 master copy DeepSpeed's stage-0 optimizer would write "
+            f"(fp32_groups; found: {found}); the fp32 weights cannot be recovered. Use --dtype bf16 for the "
+            f"training-precision weights"
+        )
+    buffers = set(obj.get("buffer_names") or [])
+    masters = name_master_weights(module, optimizer["fp32_groups"], buffers, where=str(path))
+    return {k: masters.get(k, v).to(target) if v.is_floating_point() else v for k, v in module.items()}
+
+
+def name_master_weights(
+    module: Mapping[str, torch.Tensor],
+    groups: Sequence[Sequence[torch.Tensor]],
+    buffers: set[str] | frozenset[str] = frozenset(),
+    *,
+    where: str = "checkpoint",
+) -> dict[str, torch.Tensor]:
+    """Name the fp32 master weights of a stage-0 fp16/bf16 DeepSpeed optimizer.
+
+    DeepSpeed saves them per param group, without names. Each master rounds exactly to its parameter's
+    low-precision module copy, which names it; parameters whose copies are identical (small tensors such as
+    one-head logit scales end up equal after rounding) are told apart by order: param groups list their parameters
+    in module order (they are built by walking ``named_parameters``).
+
+    Args:
+        module: the low-precision module state dict (names in module order).
+        groups: the fp32 masters, one sequence per param group.
+        buffers: module entries that are buffers (no master).
+        where: names the file in messages.
+
+    Returns:
+        name -> fp32 master, for every parameter the optimizer holds.
+
+    Raises:
+        ConversionError: a master matches no parameter, or equal copies cannot be told apart.
+    """
+    names = [k for k, v in module.items() if k not in buffers and v.is_floating_point()]
+    half = (torch.bfloat16, torch.float16)
+    low_dtype = next((module[k].dtype for k in names if module[k].dtype in half), torch.bfloat16)
+
+    def key(t: torch.Tensor) -> tuple[tuple[int, ...], bytes]:
+        # Bit pattern of the rounded values: a cheap digest of a possibly large tensor.
+        bits = t.detach().to(low_dtype).contiguous().view(torch.int16).numpy().tobytes()
+        return tuple(t.shape), hashlib.blake2b(bits, digest_size=16).digest()
+
+    classes: dict[tuple[tuple[int, ...], bytes], list[int]] = {}
+    for index, name in enumerate(names):
+        classes.setdefault(key(module[name]), []).append(index)
+    tensors = [(g, j, t) for g, group in enumerate(groups) for j, t in enumerate(group)]
+    keys = {(g, j): key(t) for g, j, t in tensors}
+    for (g, j), k in keys.items():
+        if k not in classes:
+            raise ConversionError(
+                f"{where}: fp32 master #{j} of optimizer group {g} (shape {list(k[0])}) rounds to none of the module "
+                f"weights; the optimizer state does not belong to this module"
+            )
+    counts: dict[tuple[tuple[int, ...], bytes], int] = {}
+    for k in keys.values():
+        counts[k] = counts.get(k, 0) + 1
+    for k, n in counts.items():
+        if n > len(classes[k]):
+            raise ConversionError(
+                f"{where}: {n} fp32 masters but only {len(classes[k])} module weights round to the same values "
+                f"({', '.join(names[i] for i in classes[k])}); the optimizer state does not belong to this module"
+            )
+
+    assigned: dict[tuple[int, int], int] = {}
+    taken: set[int] = set()
+
+    def assign(item: tuple[int, int], index: int) -> None:
+        assigned[item] = index
+        taken.add(index)
+
+    for item, k in keys.items():
+        if len(classes[k]) == 1:
+            assign(item, classes[k][0])
+    changed = True
+    while changed and len(assigned) < len(keys):
+        changed = False
+        # Bounds from the resolved neighbours in the same group (group order = module order).
+        for g, group in enumerate(groups):
+            for j in range(len(group)):
+                if (g, j) in assigned:
+                    continue
+                lower = max((assigned[(g, i)] for i in range(j) if (g, i) in assigned), default=-1)
+                upper = min((assigned[(g, i)] for i in range(j + 1, len(group)) if (g, i) in assigned), default=1 << 62)
+                options = [i for i in classes[keys[(g, j)]] if i not in taken and lower < i < upper]
+                if len(options) == 1:
+                    assign((g, j), options[0])
+                    changed = True
+        # Equal copies all in one group take the free names of their class in order.
+        pending: dict[tuple[tuple[int, ...], bytes], list[tuple[int, int]]] = {}
+        for item, k in keys.items():
+            if item not in assigned:
+                pending.setdefault(k, []).append(item)
+        for k, items in pending.items():
+            free = [i for i in classes[k] if i not in taken]
+            if len({g for g, _ in items}) == 1 and len(free) == len(items):
+                for item, index in zip(sorted(items), free, strict=True):
+                    assign(item, index)
+                changed = True
+    unresolved = sorted(item for item in keys if item not in assigned)
+    if unresolved:
+        tied = sorted({names[i] for item in unresolved for i in classes[keys[item]] if i not in taken})
+        raise ConversionError(
+            f"{where}: cannot tell which fp32 master belongs to which of {', '.join(tied)} (their bf16/fp16 copies "
+            f"are identical and the optimizer groups do not order them); use --dtype bf16 for the training-precision "
+            f"weights"
+        )
+    for g, group in enumerate(groups):
+        order = [assigned[(g, j)] for j in range(len(group))]
+        tied = any(len(classes[keys[(g, j)]]) > 1 for j in range(len(group)))
+        if tied and order != sorted(order):
+            # Ties were broken by an order this optimizer does not follow: the choice may be wrong.
+            raise ConversionError(
+                f"{where}: optimizer group {g} does not list its parameters in module order, so fp32 masters with "
+                f"identical bf16/fp16 copies cannot be told apart; use --dtype bf16 for the training-precision weights"
+            )
+    return {names[index]: groups[g][j] for (g, j), index in assigned.items()}
+
+
+def _consolidated_state_dict(tag_dir: Path, dtype: str) -> dict[str, torch.Tensor]:
     target = torch.float32 if dtype == "fp32" else torch.bfloat16
     if not _has_zero_shards(tag_dir):
-        # Stage 0 without ZeRO shards: the model-states file holds the whole module (the fp32 weights themselves).
-        obj = torch.load(_model_states_file(tag_dir), map_location="cpu", mmap=True, weights_only=False)
-        return {k: v.to(target) if v.is_floating_point() else v for k, v in obj["module"].items()}
+        return _stage0_state_dict(tag_dir, target)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     # lazy_mode memory-maps the optimizer shards and gathers one parameter at a time, so peak memory is about the
     # output itself instead of every rank's full optimizer state. DeepSpeed prints progress on stdout: keep it off
     # ours (stdout of this tool is for results).
@@ -170,7 +318,12 @@ def _consolidated_state_dict(tag_dir: Path, dtype: str) -> dict[str, torch.Tenso
         out = {}
         for key, value in lazy.items():
             tensor = value.contiguous() if not isinstance(value, torch.Tensor) else value
-            out[key] = tensor.to(target) if tensor.is_floating_point() else tensor
+            tensor = tensor.to(target) if tensor.is_floating_point() else tensor
+            if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+                # A view of DeepSpeed's padded merge buffer: keep only the parameter now, or every buffer stays
+                # alive until saving copies it (one more model copy at the peak).
+                tensor = tensor.clone()
+            out[key] = tensor
     return out
 
 
@@ -202,8 +355,7 @@ def consolidate(
         raise ConversionError(f"{tag_dir}: consolidated weights are not a SwinV2/SimMIM model ({layout_hint(layout)})")
     backbone = backbone_from_simmim(state_dict) if layout == "simmim" else state_dict
     spec = spec_from_config(config, backbone) if config else infer_spec(backbone)
-    if spec.img_size is not None and spec.window_size is not None:
-        check_against_model(backbone, spec.build("meta"), f"{tag_dir}: weights do not match the configured model")
+    check_weights(state_dict, spec, f"{tag_dir}: weights do not match the configured model", simmim=layout == "simmim")
     meta = {
         "kind": "simmim" if layout == "simmim" else "backbone",
         "model_size": (config.get("model") or {}).get("size"),
@@ -276,16 +428,126 @@ def _check_output(output: Path, force: bool, *, weights_file: bool = True) -> No
         raise ConversionError(f"{output}: output suffix {output.suffix!r} not understood; accepted: {accepted}")
 
 
-def _apply_sizes(spec: ModelSpec, img_size: int | None, window_size: Sequence[int] | None) -> ModelSpec:
+def _stage_values(values: Sequence[int] | None, stages: int, flag: str) -> list[int] | None:
+    """A per-stage flag value: one number for every stage, or one per stage; None when not given."""
+    if not values:
+        return None
+    out = [int(v) for v in values]
+    if len(out) == 1:
+        out *= stages
+    if len(out) != stages:
+        raise ConversionError(f"{flag} {list(values)}: give one value or one per stage ({stages} stages)")
+    return out
+
+
+def _pretrained_flag(values: Sequence[int] | None, stages: int) -> list[int] | None:
+    out = _stage_values(values, stages, "--pretrained-window-sizes")
+    if out is not None and any(p < 0 or p == 1 for p in out):
+        raise ConversionError(
+            f"--pretrained-window-sizes {list(values or [])}: accepted per stage: 0 (the stage's own window) or a "
+            f"window of at least 2"
+        )
+    return out
+
+
+def _apply_sizes(
+    spec: ModelSpec, img_size: int | None, window_size: Sequence[int] | None, *, carry: bool = True
+) -> ModelSpec:
+    """Set new image/window sizes.
+
+    With ``carry``, a stage whose effective window changes and that records no pretrained window gets the window
+    it had: the position-bias MLP was trained on coordinates normalised by that one (spec §2.1), and recording 0
+    would silently change the bias.
+    """
+    stages = len(spec.depths)
+    before = None
+    if spec.img_size is not None and spec.window_size is not None:
+        before = effective_windows(spec.img_size, spec.window_size, spec.patch_size, stages)
     if img_size is not None:
         spec.img_size = int(img_size)
-    if window_size:
-        windows = [int(w) for w in window_size]
-        spec.window_size = windows * len(spec.depths) if len(windows) == 1 else windows
-        if len(spec.window_size) != len(spec.depths):
-            raise ConversionError(
-                f"--window-size {windows}: give one value or one per stage ({len(spec.depths)} stages)"
+    windows = _stage_values(window_size, stages, "--window-size")
+    if windows is not None:
+        spec.window_size = windows
+    if carry and before is not None and spec.img_size is not None and spec.window_size is not None:
+        after = effective_windows(spec.img_size, spec.window_size, spec.patch_size, stages)
+        carried = [
+            p or (b if b != a else 0) for p, b, a in zip(spec.pretrained_window_sizes, before, after, strict=True)
+        ]
+        if carried != spec.pretrained_window_sizes:
+            _log(
+                f"note: windows per stage change from {before} to {after}; recording pretrained_window_sizes "
+                f"{carried} so the position-bias MLP keeps the coordinates it was trained with"
             )
+            spec.pretrained_window_sizes = carried
+    return spec
+
+
+def _has_tables(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.endswith("attn.relative_coords_table") for k in state_dict)
+
+
+def _check_flag_against_tables(
+    state_dict: Mapping[str, torch.Tensor], spec: ModelSpec, flag: list[int], where: str
+) -> None:
+    """Refuse a --pretrained-window-sizes that does not rebuild the relative_coords_table buffers the file stores."""
+    bad = []
+    for i, depth in enumerate(spec.depths):
+        for j in range(depth):
+            key = f"layers.{i}.blocks.{j}.attn.relative_coords_table"
+            if key in state_dict and not coords_table_matches(state_dict[key], flag[i], key):
+                bad.append(i)
+                break
+    if bad:
+        stored = pretrained_windows_from_tables(state_dict, list(spec.depths))
+        raise ConversionError(
+            f"{where}: --pretrained-window-sizes {flag} contradicts the relative_coords_table buffers stored in the "
+            f"file, built with pretrained_window_sizes {stored} (0 = the stage's own window; windows per stage "
+            f"{spec.window_size}); stages {bad} differ. Leave the flag out to use the stored value"
+        )
+
+
+def _settle_spec(
+    spec: ModelSpec,
+    *,
+    img_size: int | None,
+    window_size: Sequence[int] | None,
+    pretrained: Sequence[int] | None,
+    buffers: Mapping[str, torch.Tensor],
+    origin: str,
+    where: str,
+) -> ModelSpec:
+    """Apply the size flags and --pretrained-window-sizes to what the input records.
+
+    The pretrained windows only change the position-bias MLP's coordinate normaliser. Buffers stored in official
+    files are the truth: a flag that rebuilds other tables is refused. Metadata and HF configs may be wrong (imports
+    used to record zeros), so the flag replaces them, with a note.
+
+    Args:
+        spec: what the input records (modified in place).
+        img_size, window_size: new sizes (None: keep).
+        pretrained: the --pretrained-window-sizes flag (None: keep, carrying it across a window change).
+        buffers: the unprefixed backbone state dict before derived buffers are dropped.
+        origin: what recorded ``spec.pretrained_window_sizes`` ("its metadata", "config.json"), "" for nothing.
+        where: the input, for messages.
+    """
+    flag = _pretrained_flag(pretrained, len(spec.depths))
+    if flag is not None:
+        if _has_tables(buffers):
+            _check_flag_against_tables(buffers, spec, flag, where)
+        elif origin and flag != spec.pretrained_window_sizes:
+            _log(
+                f"note: {where}: {origin} records pretrained_window_sizes {spec.pretrained_window_sizes}; "
+                f"--pretrained-window-sizes {flag} replaces it"
+            )
+    _apply_sizes(spec, img_size, window_size, carry=flag is None)
+    if flag is not None:
+        spec.pretrained_window_sizes = flag
+    elif not origin and not _has_tables(buffers):
+        _log(
+            f"note: {where} does not record pretrained_window_sizes; recording {spec.pretrained_window_sizes}. Pass "
+            f"--pretrained-window-sizes if the weights were fine-tuned from another window (e.g. 12 12 12 6 for "
+            f"the 192/w12 -> 256/w16 releases)"
+        )
     return spec
 
 
@@ -300,17 +562,25 @@ def _load_ours(path: Path, *, trust_pickle: bool, what: str) -> tuple[dict[str, 
     return rename_legacy(state_dict), meta, layout
 
 
-def _spec_for(
-    backbone: Mapping[str, torch.Tensor], meta: Mapping[str, Any], img_size: int | None, window: Sequence[int] | None
-) -> ModelSpec:
-    # Metadata first (our files), then official buffers (inferred from shapes), then the command line.
-    inferred = infer_spec(backbone)
+def _recorded_spec(backbone_full: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> tuple[ModelSpec, str]:
+    """The model an input records: its metadata (our files), else what tensor shapes and official buffers show.
+
+    Returns:
+        (spec, what recorded its pretrained windows: "its metadata" or "" when only the buffers, if any, do).
+    """
+    inferred = infer_spec(backbone_full)
     if meta.get("model"):
         spec = ModelSpec.from_dict(meta["model"])
         spec.num_classes = inferred.num_classes
-    else:
-        spec = inferred
-    return _apply_sizes(spec, img_size, window)
+        return spec, "its metadata"
+    return inferred, ""
+
+
+def _encoder_part(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder of a SimMIM state dict, unprefixed, buffers kept (they show the sizes), mask token dropped."""
+    out = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    out.pop("mask_token", None)
+    return out
 
 
 def make_backbone(
@@ -321,6 +591,7 @@ def make_backbone(
     window_size: Sequence[int] | None = None,
     pretrain_img_size: int | None = None,
     pretrain_window_size: Sequence[int] | None = None,
+    pretrained_window_sizes: Sequence[int] | None = None,
     dtype: str | None = None,
     force: bool = False,
     trust_pickle: bool = False,
@@ -334,6 +605,8 @@ def make_backbone(
         window_size: fine-tuning window, one or per stage (default: the pretraining one).
         pretrain_img_size: pretraining image size when the file does not record it.
         pretrain_window_size: pretraining window when the file does not record it.
+        pretrained_window_sizes: the value to record, one or per stage; by default the windows each stage ran with
+            in pretraining. It stands in for unknown pretraining sizes; one that contradicts them is refused.
         dtype: fp32/bf16 (default: keep).
         force: replace an existing output.
         trust_pickle: allow Python objects in a pickled input.
@@ -349,21 +622,47 @@ def make_backbone(
             f"{path}: already a backbone/classifier (no encoder./decoder. keys); backbone expects a SimMIM checkpoint"
         )
     # Infer from the unstripped encoder so official buffers can reveal the pretraining windows and image size.
-    encoder_full = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
-    encoder_full.pop("mask_token", None)
-    pre = _spec_for(encoder_full, meta, pretrain_img_size, pretrain_window_size)
-    pre.require_sizes(f"{path}: finding the windows each stage ran with in pretraining")
-    if any(pre.pretrained_window_sizes):
-        # Pretraining itself started from another window: the MLP's coordinates stay normalised by that one.
-        pretrained = list(pre.pretrained_window_sizes)
-    else:
-        pretrained = effective_windows(pre.img_size, pre.window_size, pre.patch_size, len(pre.depths))
-    backbone = backbone_from_simmim(state_dict)
+    pre, _ = _recorded_spec(_encoder_part(state_dict), meta)
+    _apply_sizes(pre, pretrain_img_size, pretrain_window_size, carry=False)
+    stages = len(pre.depths)
+    trained_for = None  # per stage, the window that normalised the MLP's coordinates in pretraining
+    if pre.img_size is not None and pre.window_size is not None:
+        ran = effective_windows(pre.img_size, pre.window_size, pre.patch_size, stages)
+        # A stage of a pretraining that itself started from another window keeps that window's normalisation.
+        trained_for = [p or r for p, r in zip(pre.pretrained_window_sizes, ran, strict=True)]
+    flag = _pretrained_flag(pretrained_window_sizes, stages)
     spec = ModelSpec.from_dict(pre.to_dict())
     spec.num_classes = 0
-    _apply_sizes(spec, img_size, window_size)
+    _apply_sizes(spec, img_size, window_size, carry=False)
+    if flag is None:
+        if trained_for is None:
+            missing = " and ".join(n for n in ("img_size", "window_size") if getattr(pre, n) is None)
+            raise ConversionError(
+                f"{path}: finding the windows each stage ran with in pretraining needs the pretraining {missing}, "
+                f"which the file does not record; pass --pretrain-img-size and --pretrain-window-size, or "
+                f"--pretrained-window-sizes"
+            )
+        pretrained = trained_for
+    else:
+        if trained_for is not None:
+            # 0 stands for the stage's new window: equivalent when that is the window pretraining normalised by.
+            new = (
+                effective_windows(spec.img_size, spec.window_size, spec.patch_size, stages)
+                if spec.img_size is not None and spec.window_size is not None
+                else [0] * stages
+            )
+            differ = [i for i in range(stages) if (flag[i] or new[i]) != trained_for[i]]
+            if differ:
+                raise ConversionError(
+                    f"{path}: --pretrained-window-sizes {flag} contradicts the file: pretraining ran at img_size "
+                    f"{pre.img_size} with windows {pre.window_size} (pretrained_window_sizes "
+                    f"{pre.pretrained_window_sizes}), so the position-bias MLP was trained for windows {trained_for}; "
+                    f"stages {differ} differ. Leave the flag out to record {trained_for}"
+                )
+        pretrained = flag
     spec.pretrained_window_sizes = pretrained
-    check_against_model(backbone, spec.build("meta"), f"{path}: backbone weights do not fit the model")
+    backbone = backbone_from_simmim(state_dict)
+    check_weights(backbone, spec, f"{path}: backbone weights do not fit the model")
     out_meta = {
         "kind": "backbone",
         "model": spec.to_dict(),
@@ -411,6 +710,7 @@ def import_weights(
     *,
     img_size: int | None = None,
     window_size: Sequence[int] | None = None,
+    pretrained_window_sizes: Sequence[int] | None = None,
     dtype: str | None = None,
     force: bool = False,
     trust_pickle: bool = False,
@@ -423,6 +723,9 @@ def import_weights(
         output: weights file to write.
         img_size: image size to record (official files with buffers and HF configs record their own).
         window_size: window to record, one or per stage.
+        pretrained_window_sizes: pretrained windows to record, one or per stage (official files with
+            relative_coords_table buffers and HF configs record their own; a value contradicting the buffers is
+            refused).
         dtype: fp32/bf16 (default: keep).
         force: replace an existing output.
         trust_pickle: allow Python objects in a pickled input (official training checkpoints).
@@ -444,16 +747,13 @@ def import_weights(
     expected = {"official": ("ours", "simmim"), "timm": ("timm",), "hf": ("hf",)}[source]
     if layout not in expected:
         raise ConversionError(f"{path}: --from {source} given, but {layout_hint(layout)}")
-    # Official files carry the derived buffers: read sizes from them before dropping them.
+    # Official files carry the derived buffers: read sizes and pretrained windows from them before dropping them.
+    full: dict[str, torch.Tensor] = {}
+    origin = ""
     if source == "official":
         state_dict = rename_legacy(state_dict)
         simmim = layout == "simmim"
-        full = (
-            {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
-            if simmim
-            else dict(state_dict)
-        )
-        full.pop("mask_token", None)
+        full = _encoder_part(state_dict) if simmim else dict(state_dict)
         spec = infer_spec(full)
         converted = strip_derived_buffers(state_dict)
     elif source == "timm":
@@ -467,11 +767,18 @@ def import_weights(
             converted = {(k if k.startswith("decoder.") else "encoder." + k): v for k, v in converted.items()}
         backbone_part = backbone_from_simmim(converted) if simmim else converted
         spec = spec_from_hf_config(hf_cfg or {}, num_classes=infer_spec(backbone_part).num_classes)
-    _apply_sizes(spec, img_size, window_size)
-    backbone = backbone_from_simmim(converted) if simmim else strip_derived_buffers(converted)
-    if spec.img_size is not None and spec.window_size is not None:
-        check_against_model(backbone, spec.build("meta"), f"{path}: imported weights do not fit our SwinV2")
-    else:
+        origin = "config.json"
+    _settle_spec(
+        spec,
+        img_size=img_size,
+        window_size=window_size,
+        pretrained=pretrained_window_sizes,
+        buffers=full,
+        origin=origin,
+        where=str(path),
+    )
+    check_weights(converted, spec, f"{path}: imported weights do not fit our SwinV2", simmim=simmim)
+    if spec.img_size is None or spec.window_size is None:
         _log(f"note: {path} does not record img_size/window_size; pass --img-size/--window-size to store them")
     meta = {"kind": "simmim" if simmim else "backbone", "model": spec.to_dict(), "source": f"{source}:{path}"}
     with write_atomically(output, force=force) as tmp:
@@ -487,6 +794,7 @@ def export(
     *,
     img_size: int | None = None,
     window_size: Sequence[int] | None = None,
+    pretrained_window_sizes: Sequence[int] | None = None,
     dtype: str | None = None,
     force: bool = False,
 ) -> Path:
@@ -497,7 +805,9 @@ def export(
         path: our weights file (backbone/classifier or SimMIM).
         output: file (timm, official) or directory (hf).
         img_size: override the recorded image size (HF config, official buffers).
-        window_size: override the recorded window.
+        window_size: override the recorded window; a stage whose window changes keeps its position-bias
+            normalisation (its old window becomes its pretrained window when none is recorded).
+        pretrained_window_sizes: override the recorded pretrained windows, one or per stage.
         dtype: fp32/bf16 (default: keep).
         force: replace an existing output.
     """
@@ -506,12 +816,22 @@ def export(
     path, output = Path(path), Path(output)
     _check_output(output, force, weights_file=target != "hf")
     state_dict, meta, layout = _load_ours(path, trust_pickle=False, what="export")
-    state_dict = strip_derived_buffers(state_dict)
     simmim = layout == "simmim"
+    # Before dropping the buffers: an official-layout input shows its sizes and pretrained windows in them.
+    full = _encoder_part(state_dict) if simmim else state_dict
+    spec, origin = _recorded_spec(full, meta)
+    _settle_spec(
+        spec,
+        img_size=img_size,
+        window_size=window_size,
+        pretrained=pretrained_window_sizes,
+        buffers=full,
+        origin=origin,
+        where=str(path),
+    )
+    state_dict = strip_derived_buffers(state_dict)
     backbone = backbone_from_simmim(state_dict) if simmim else state_dict
-    spec = _spec_for(backbone, meta, img_size, window_size)
-    if spec.img_size is not None and spec.window_size is not None:
-        check_against_model(backbone, spec.build("meta"), f"{path}: weights do not match their recorded model")
+    check_weights(state_dict, spec, f"{path}: weights do not match their recorded model", simmim=simmim)
     if target == "timm":
         if simmim:
             _log("note: timm's SwinTransformerV2 has no SimMIM parts; exporting the encoder only")
@@ -539,7 +859,13 @@ def export(
             source.update({k: v for k, v in state_dict.items() if k.startswith("decoder.")})
         hf_state = official_to_hf(source, prefixed=arch != "Swinv2Model")
         if dtype is not None:
-            config["dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+            stored = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+        else:
+            kinds = {v.dtype for v in hf_state.values() if v.is_floating_point()}
+            stored = str(kinds.pop()).replace("torch.", "") if len(kinds) == 1 else None
+        if stored is not None:
+            # transformers >= 4.56 reads "dtype", older versions (this project accepts >= 4.45) "torch_dtype".
+            config["dtype"] = config["torch_dtype"] = stored
         with write_atomically(output, force=force, directory=True) as tmp:
             tmp.mkdir(parents=True, exist_ok=True)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -691,6 +1017,13 @@ def _parser() -> argparse.ArgumentParser:
     def size_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--img-size", type=int, help="image size (when the input does not record it, or a new one)")
         p.add_argument("--window-size", type=int, nargs="+", help="window size, one or one per stage")
+        p.add_argument(
+            "--pretrained-window-sizes",
+            type=int,
+            nargs="+",
+            help="windows the position-bias MLP was trained with, one or one per stage (0 = the stage's own window); "
+            "checked against relative_coords_table buffers the input stores",
+        )
 
     p = sub.add_parser("consolidate", help="DeepSpeed checkpoint (any ZeRO stage/world size) -> one weights file")
     p.add_argument("checkpoint", help="step-<N> directory, checkpoints directory or run directory")
@@ -744,6 +1077,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 window_size=args.window_size,
                 pretrain_img_size=args.pretrain_img_size,
                 pretrain_window_size=args.pretrain_window_size,
+                pretrained_window_sizes=args.pretrained_window_sizes,
                 dtype=args.dtype,
                 force=args.force,
                 trust_pickle=args.trust_pickle,
@@ -755,6 +1089,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.output,
                 img_size=args.img_size,
                 window_size=args.window_size,
+                pretrained_window_sizes=args.pretrained_window_sizes,
                 dtype=args.dtype,
                 force=args.force,
                 trust_pickle=args.trust_pickle,
@@ -766,6 +1101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.output,
                 img_size=args.img_size,
                 window_size=args.window_size,
+                pretrained_window_sizes=args.pretrained_window_sizes,
                 dtype=args.dtype,
                 force=args.force,
             )

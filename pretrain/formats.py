@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from swinv2 import SwinTransformerV2, official_to_timm, strip_derived_buffers, timm_to_official
+from swinv2.swin_transformer_v2 import relative_coords_table
 
 __all__ = [
     "LAYOUTS",
@@ -41,6 +42,8 @@ __all__ = [
     "backbone_from_simmim",
     "cast_fn",
     "check_against_model",
+    "check_weights",
+    "coords_table_matches",
     "detect_layout",
     "effective_windows",
     "hf_config",
@@ -51,6 +54,8 @@ __all__ = [
     "official_buffers",
     "official_to_hf",
     "official_to_timm",
+    "pretrained_window_from_table",
+    "pretrained_windows_from_tables",
     "rename_legacy",
     "save_weights_file",
     "spec_from_config",
@@ -249,7 +254,96 @@ def _infer_spec(state_dict: Mapping[str, torch.Tensor]) -> ModelSpec:
                 break
         if spec.img_size is not None:
             break
+    # The absolute position embedding (1, L, C) has one row per patch of a square input.
+    pos = state_dict.get("absolute_pos_embed")
+    if spec.img_size is None and pos is not None and pos.dim() == 3 and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        spec.img_size = math.isqrt(int(pos.shape[1])) * patch_size
+    pretrained = pretrained_windows_from_tables(state_dict, depths)
+    if pretrained is not None:
+        spec.pretrained_window_sizes = pretrained
     return spec
+
+
+def _table_tolerance(table: torch.Tensor) -> float:
+    # Official tables are float32 and rebuilt bit for bit; a table saved in half precision is only close.
+    return 1e-5 if table.dtype in (torch.float32, torch.float64) else 2e-2
+
+
+def _table_window(table: torch.Tensor, what: str) -> int:
+    shape = tuple(table.shape)
+    if len(shape) != 4 or shape[0] != 1 or shape[3] != 2 or shape[1] != shape[2] or shape[1] % 2 == 0:
+        raise ConversionError(f"{what}: shape {shape}; a relative_coords_table is (1, 2W-1, 2W-1, 2)")
+    return (shape[1] + 1) // 2
+
+
+def coords_table_matches(table: torch.Tensor, pretrained: int, what: str = "relative_coords_table") -> bool:
+    """Whether ``table`` is the one a block of its window builds with pretrained window ``pretrained`` (0 = its own).
+
+    The table is rebuilt with the same code as the model and compared, so equivalent values (P equal to the window,
+    or 0) match each other.
+    """
+    return _table_distance(table, pretrained, what) <= _table_tolerance(table)
+
+
+def _table_distance(table: torch.Tensor, pretrained: int, what: str) -> float:
+    window = _table_window(table, what)
+    rebuilt = relative_coords_table((window, window), (pretrained, pretrained))
+    return float((rebuilt - table.detach().float()).abs().max())
+
+
+def pretrained_window_from_table(table: torch.Tensor, what: str = "relative_coords_table") -> int:
+    """The pretrained window P a stored relative_coords_table was built with; 0 when it is the block's own window.
+
+    The largest offset W-1 maps to log2(8 (W-1)/(P-1) + 1) / 3 (spec §1.3): that gives a candidate P, confirmed by
+    rebuilding the whole table for it and its neighbours.
+
+    Raises:
+        ConversionError: the table matches no pretrained window (damaged, or not built by the SwinV2 rule).
+    """
+    window = _table_window(table, what)
+    if window == 1:
+        return 0  # a 1x1 window has the single offset 0: every P gives the same all-zero table
+    top = float(table[0, -1, window - 1, 0])
+    scaled = 2.0 ** (3.0 * top) - 1.0
+    guess = round(8.0 * (window - 1) / scaled) + 1 if scaled > 0 else window
+    # P = 1 is not a window the official code can build (it divides by P - 1); ours treats it as 2.
+    candidates = sorted({window, *(p for p in (guess - 1, guess, guess + 1) if p >= 2)})
+    # The closest one: in a half-precision table neighbouring large windows can both lie within the tolerance.
+    distance, best = min((_table_distance(table, p, what), p) for p in candidates)
+    if distance <= _table_tolerance(table):
+        return 0 if best == window else best
+    raise ConversionError(
+        f"{what}: not the relative_coords_table of a {window}x{window} window for any pretrained window (tried "
+        f"{sorted({window, guess})}); the file's buffers are damaged or were not built by the SwinV2 rule"
+    )
+
+
+def pretrained_windows_from_tables(state_dict: Mapping[str, torch.Tensor], depths: list[int]) -> list[int] | None:
+    """Per stage, the pretrained window read from the stored relative_coords_table buffers (official files).
+
+    Returns:
+        One value per stage (0 = the stage's own window), or None when a stage has no stored table.
+
+    Raises:
+        ConversionError: blocks of one stage were built with different pretrained windows.
+    """
+    out = []
+    for i, depth in enumerate(depths):
+        found: dict[int, list[int]] = {}
+        for j in range(depth):
+            key = f"layers.{i}.blocks.{j}.attn.relative_coords_table"
+            if key in state_dict:
+                found.setdefault(pretrained_window_from_table(state_dict[key], key), []).append(j)
+        if not found:
+            return None
+        if len(found) > 1:
+            detail = ", ".join(f"blocks {blocks}: {p}" for p, blocks in sorted(found.items()))
+            raise ConversionError(
+                f"stage {i}: its relative_coords_table buffers disagree on the pretrained window ({detail}; 0 = the "
+                f"block's own window); every block of a stage is built with the same one"
+            )
+        out.append(next(iter(found)))
+    return out
 
 
 def spec_from_config(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> ModelSpec:
@@ -527,13 +621,57 @@ def official_buffers(model: SwinTransformerV2) -> dict[str, torch.Tensor]:
 
 def check_against_model(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, what: str) -> None:
     """Compare keys and shapes with a model's state dict; raise one ConversionError listing every difference."""
-    expected = model.state_dict()
+    _compare_shapes(state_dict, {k: tuple(v.shape) for k, v in model.state_dict().items()}, what)
+
+
+def check_weights(state_dict: Mapping[str, torch.Tensor], spec: ModelSpec, what: str, *, simmim: bool = False) -> None:
+    """Check keys and shapes against our SwinV2 (or SimMIM) for ``spec``, built on the meta device (no memory).
+
+    Neither keys nor shapes depend on the image or window size, apart from the derived buffers (ignored here) and
+    the absolute position embedding, so when the sizes are unknown a placeholder geometry is built and only that
+    embedding's shape goes unchecked.
+
+    Args:
+        state_dict: ours layout (backbone/classifier) or, with ``simmim``, the SimMIM layout.
+        spec: the architecture; ``img_size``/``window_size`` may be None.
+        what: start of the error message (which file, which step).
+        simmim: expect ``encoder.*`` + ``encoder.mask_token`` + ``decoder.0.*``.
+
+    Raises:
+        ConversionError: listing missing, unexpected and shape-mismatched keys by name.
+    """
+    probe = ModelSpec.from_dict(spec.to_dict())
+    placeholder = probe.img_size is None or probe.window_size is None
+    if placeholder:
+        # Stage sides 2^(n-1) ... 1 with windows at least as large: every window is clamped, nothing is shifted.
+        side = 2 ** (len(probe.depths) - 1)
+        probe.img_size, probe.window_size = probe.patch_size * side, [side] * len(probe.depths)
+        probe.pretrained_window_sizes = [0] * len(probe.depths)
+    model = probe.build("meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if simmim:
+        expected = {"encoder." + k: shape for k, shape in expected.items()}
+        # The decoder is a 1x1 conv to stride^2 * in_chans channels, stride = the encoder's total downsampling.
+        out = (probe.patch_size * 2 ** (len(probe.depths) - 1)) ** 2 * probe.in_chans
+        expected["encoder.mask_token"] = (1, 1, probe.embed_dim)
+        expected["decoder.0.weight"] = (out, model.num_features, 1, 1)
+        expected["decoder.0.bias"] = (out,)
+    ignore = {k for k in expected if k.endswith("absolute_pos_embed")} if placeholder else set()
+    _compare_shapes(strip_derived_buffers(state_dict), expected, what, ignore_shapes=ignore)
+
+
+def _compare_shapes(
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    what: str,
+    ignore_shapes: set[str] | frozenset[str] = frozenset(),
+) -> None:
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
         for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+        if k not in ignore_shapes and tuple(state_dict[k].shape) != tuple(expected[k])
     ]
     problems = []
     if missing:
@@ -628,12 +766,31 @@ def write_atomically(output: Path, *, force: bool, directory: bool = False) -> I
     target = tmp if directory else tmp / output.name
     try:
         yield target
-        # os.replace swaps a file atomically; a directory has to be moved out of the way first.
-        if output.is_dir() and not output.is_symlink():
-            shutil.rmtree(output)
-        os.replace(target, output)
+        _replace(target, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace(new: Path, output: Path) -> None:
+    """Put ``new`` at ``output``, never leaving a moment where a crash loses both.
+
+    A file over a file is one atomic os.replace. A directory (or anything over one) cannot be swapped in one step:
+    the old output is renamed aside first, the new one renamed into place, and only then is the old one deleted. A
+    crash in between leaves the old output whole under ``.<name>.*.old/``.
+    """
+    if not (output.exists() or output.is_symlink()) or (not new.is_dir() and not output.is_dir()):
+        os.replace(new, output)
+        return
+    aside_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
+    aside = aside_dir / output.name
+    os.replace(output, aside)
+    try:
+        os.replace(new, output)
+    except BaseException:
+        os.replace(aside, output)  # put the old output back
+        shutil.rmtree(aside_dir, ignore_errors=True)
+        raise
+    shutil.rmtree(aside_dir, ignore_errors=True)  # removes a symlink inside, never what it points to
 
 
 def _saveable(state_dict: Mapping[str, torch.Tensor], cast: Callable[[torch.Tensor], torch.Tensor]) -> dict:

@@ -463,3 +463,376 @@ def test_command_line_entry_point(backbone_file, tmp_path):
     )
     assert bad.returncode == 2 and "error: " in bad.stderr and "no such file" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------------- pretrained window sizes
+def _official_file(path: Path, model: SwinTransformerV2, extra: dict | None = None) -> Path:
+    """An official classification checkpoint: persistent derived buffers, no metadata, ``{"model": ...}``."""
+    from pretrain.formats import official_buffers
+
+    torch.save({"model": {**model.state_dict(), **official_buffers(model), **(extra or {})}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def official_256_file(tmp_path_factory):
+    """An official 256/w16 model fine-tuned from 192/w12: pretrained_window_sizes [12, 12, 12, 6]."""
+    model = _ours(256, 16, pretrained=(12, 12, 12, 6))
+    _randomize(model, seed=21)
+    return _official_file(tmp_path_factory.mktemp("official256") / "swinv2_256_w16.pth", model), model
+
+
+def test_import_official_reads_pretrained_windows_from_buffers(official_256_file, tmp_path, capsys):
+    """The audit case: official 256/w16 from [12,12,12,6] -> ours -> HF gives the model's features, not a default
+    position bias."""
+    path, model = official_256_file
+    ours = tmp_path / "ours.safetensors"
+    assert convert.main(["import", "--from", "official", str(path), "-o", str(ours)]) == 0
+    meta = load_weights_file(ours)[1]["model"]
+    assert meta["pretrained_window_sizes"] == [12, 12, 12, 6]
+    assert meta["img_size"] == 256 and meta["window_size"] == [16, 16, 16, 8]
+    assert convert.main(["export", "--to", "hf", str(ours), "-o", str(tmp_path / "hf")]) == 0
+    hf = transformers.Swinv2Model.from_pretrained(tmp_path / "hf").eval()
+    assert list(hf.config.pretrained_window_sizes) == [12, 12, 12, 6] and hf.config.window_size == 16
+    x = _images(256, n=1)
+    with torch.no_grad():
+        assert (hf(pixel_values=x).pooler_output - model.forward_features(x)).abs().max().item() <= TOL
+
+    # A flag that agrees with the buffers is accepted (the stage's own window is the same table as 0) ...
+    same = tmp_path / "same.safetensors"
+    argv = ["import", "--from", "official", str(path), "-o", str(same), "--pretrained-window-sizes", "12", "12", "12"]
+    assert convert.main([*argv, "6"]) == 0
+    assert load_weights_file(same)[1]["model"]["pretrained_window_sizes"] == [12, 12, 12, 6]
+    # ... one that contradicts them is refused, naming what the buffers say.
+    capsys.readouterr()
+    bad = tmp_path / "bad.safetensors"
+    err = _error(capsys, ["import", "--from", "official", str(path), "-o", str(bad), "--pretrained-window-sizes", "0"])
+    assert "--pretrained-window-sizes [0, 0, 0, 0] contradicts the relative_coords_table buffers" in err
+    assert "built with pretrained_window_sizes [12, 12, 12, 6]" in err and "stages [0, 1, 2, 3] differ" in err
+    assert not bad.exists()
+    err = _error(capsys, ["import", "--from", "official", str(path), "-o", str(bad), "--pretrained-window-sizes", "8"])
+    assert "stages [0, 1, 2, 3] differ" in err
+    err = _error(
+        capsys, ["import", "--from", "official", str(path), "-o", str(bad), "--pretrained-window-sizes", "12", "6"]
+    )
+    assert "--pretrained-window-sizes [12, 6]: give one value or one per stage (4 stages)" in err
+    err = _error(capsys, ["import", "--from", "official", str(path), "-o", str(bad), "--pretrained-window-sizes", "1"])
+    assert "accepted per stage: 0 (the stage's own window) or a window of at least 2" in err
+
+
+def test_pretrained_window_inference_from_tables():
+    from pretrain.formats import pretrained_window_from_table, pretrained_windows_from_tables
+    from swinv2.swin_transformer_v2 import relative_coords_table
+
+    for window, pretrained, expected in ((16, 12, 12), (8, 6, 6), (24, 12, 12), (12, 0, 0), (12, 12, 0), (7, 0, 0)):
+        table = relative_coords_table((window, window), (pretrained, pretrained))
+        assert pretrained_window_from_table(table) == expected
+        # Stored in half precision (a converted file) the table is still recognised.
+        assert pretrained_window_from_table(table.to(torch.bfloat16)) == expected
+    with pytest.raises(ConversionError, match="not the relative_coords_table of a 16x16 window"):
+        pretrained_window_from_table(relative_coords_table((16, 16), (12, 12)) * 1.5, "t")
+    with pytest.raises(ConversionError, match=r"shape \(1, 4, 4, 2\); a relative_coords_table is"):
+        pretrained_window_from_table(torch.zeros(1, 4, 4, 2), "t")
+    tables = {
+        "layers.0.blocks.0.attn.relative_coords_table": relative_coords_table((8, 8), (6, 6)),
+        "layers.0.blocks.1.attn.relative_coords_table": relative_coords_table((8, 8), (0, 0)),
+    }
+    with pytest.raises(ConversionError, match=r"stage 0: .* disagree .*blocks \[1\]: 0, blocks \[0\]: 6"):
+        pretrained_windows_from_tables(tables, [2])
+    assert pretrained_windows_from_tables({}, [2]) is None
+
+
+def test_pretrained_windows_flag_without_buffers(backbone_file, tmp_path, capsys):
+    """timm files carry no tables: the flag records the value, a note asks for it when missing; export overrides
+    recorded metadata; a window change keeps the normalisation the MLP was trained with."""
+    path, model = backbone_file
+    timm_file = tmp_path / "timm.safetensors"
+    assert convert.main(["export", "--to", "timm", str(path), "-o", str(timm_file)]) == 0
+    capsys.readouterr()
+    sizes = ["--img-size", "192", "--window-size", "12"]
+    plain = tmp_path / "plain.safetensors"
+    assert convert.main(["import", "--from", "timm", str(timm_file), "-o", str(plain), *sizes]) == 0
+    assert "does not record pretrained_window_sizes" in capsys.readouterr().err
+    given = tmp_path / "given.safetensors"
+    argv = ["import", "--from", "timm", str(timm_file), "-o", str(given), *sizes, "--pretrained-window-sizes", "12"]
+    assert convert.main(argv) == 0
+    assert load_weights_file(given)[1]["model"]["pretrained_window_sizes"] == [12, 12, 12, 12]
+
+    # export: the flag replaces what the metadata records, with a note.
+    capsys.readouterr()
+    out = tmp_path / "hf"
+    assert convert.main(["export", "--to", "hf", str(given), "-o", str(out), "--pretrained-window-sizes", "0"]) == 0
+    assert "records pretrained_window_sizes [12, 12, 12, 12]; --pretrained-window-sizes [0, 0, 0, 0]" in (
+        capsys.readouterr().err
+    )
+    assert json.loads((out / "config.json").read_text())["pretrained_window_sizes"] == [0, 0, 0, 0]
+
+    # export at a new window: stages whose window changes keep the pretraining normalisation ([12, 12, 12, 6]).
+    big = tmp_path / "hf256"
+    assert (
+        convert.main(["export", "--to", "hf", str(path), "-o", str(big), "--img-size", "256", "--window-size", "16"])
+        == 0
+    )
+    assert "recording pretrained_window_sizes [12, 12, 12, 6]" in capsys.readouterr().err
+    hf = transformers.Swinv2Model.from_pretrained(big).eval()
+    assert list(hf.config.pretrained_window_sizes) == [12, 12, 12, 6]
+    ours = _ours(256, 16, pretrained=(12, 12, 12, 6))
+    ours.load_state_dict(model.state_dict(), strict=True)
+    x = _images(256, n=1)
+    with torch.no_grad():
+        assert (hf(pixel_values=x).pooler_output - ours.forward_features(x)).abs().max().item() <= TOL
+
+
+def test_backbone_pretrained_windows_flag(simmim_file, tmp_path, capsys):
+    path, _ = simmim_file
+    out = tmp_path / "b.safetensors"
+    argv = ["backbone", str(path), "-o", str(out), "--img-size", "256", "--window-size", "16"]
+    err = _error(capsys, [*argv, "--pretrained-window-sizes", "16", "16", "16", "8"])
+    assert "--pretrained-window-sizes [16, 16, 16, 8] contradicts the file: pretraining ran at img_size 192" in err
+    assert "trained for windows [12, 12, 12, 6]; stages [0, 1, 2, 3] differ" in err
+    assert convert.main([*argv, "--pretrained-window-sizes", "12", "12", "12", "6"]) == 0
+    assert load_weights_file(out)[1]["model"]["pretrained_window_sizes"] == [12, 12, 12, 6]
+
+    # A SimMIM file without recorded sizes: the flag stands in for --pretrain-img-size/--pretrain-window-size.
+    state, _, _ = load_weights_file(path)
+    bare = _save_ours(tmp_path / "bare.safetensors", state, {})
+    capsys.readouterr()
+    err = _error(capsys, ["backbone", str(bare), "-o", str(tmp_path / "x.safetensors")])
+    assert "needs the pretraining img_size and window_size, which the file does not record" in err
+    assert "--pretrained-window-sizes" in err
+    out2 = tmp_path / "b2.safetensors"
+    assert convert.main(["backbone", str(bare), "-o", str(out2), *argv[4:], "--pretrained-window-sizes", "12"]) == 0
+    meta = load_weights_file(out2)[1]["model"]
+    assert meta["pretrained_window_sizes"] == [12, 12, 12, 12] and meta["img_size"] == 256
+
+
+# ------------------------------------------------------------------------------------ keys without sizes
+def test_keys_checked_without_sizes(backbone_file, tmp_path, capsys):
+    """Unknown img/window size no longer skips the key check: names and shapes are checked on a placeholder."""
+    path, _ = backbone_file
+    timm_file = tmp_path / "timm.pth"
+    assert convert.main(["export", "--to", "timm", str(path), "-o", str(timm_file)]) == 0
+    timm_state = torch.load(timm_file, weights_only=True)
+    extra = tmp_path / "extra.pth"
+    torch.save({**timm_state, "foo.bar": torch.zeros(3)}, extra)
+    capsys.readouterr()
+    out = tmp_path / "out.safetensors"
+    err = _error(capsys, ["import", "--from", "timm", str(extra), "-o", str(out)])
+    assert "imported weights do not fit our SwinV2: unexpected keys (1): foo.bar" in err
+    assert not out.exists()
+
+    broken = dict(timm_state)
+    del broken["layers.2.blocks.1.attn.q_bias"]
+    broken["layers.1.downsample.reduction.weight"] = torch.zeros(64, 100)  # timm name of official layers.0
+    torch.save(broken, tmp_path / "broken.pth")
+    err = _error(capsys, ["import", "--from", "timm", str(tmp_path / "broken.pth"), "-o", str(out)])
+    assert "missing keys (1): layers.2.blocks.1.attn.q_bias" in err
+    assert "layers.0.downsample.reduction.weight: file (64, 100) vs model (64, 128)" in err
+
+    # Our own files without recorded sizes (imported from timm without flags) are checked on export too.
+    plain = tmp_path / "plain.safetensors"
+    assert convert.main(["import", "--from", "timm", str(timm_file), "-o", str(plain)]) == 0
+    state, meta, _ = load_weights_file(plain)
+    _save_ours(tmp_path / "plain_extra.safetensors", {**state, "layers.0.blocks.0.attn.foo": torch.zeros(3)}, meta)
+    capsys.readouterr()
+    err = _error(capsys, ["export", "--to", "timm", str(tmp_path / "plain_extra.safetensors"), "-o", str(out)])
+    assert "weights do not match their recorded model: unexpected keys (1): layers.0.blocks.0.attn.foo" in err
+
+
+def test_simmim_parts_are_checked(official_simmim_file, tmp_path, capsys):
+    """Keys outside the encoder (decoder, mask token, strays) of a SimMIM file are checked as well."""
+    path, _ = official_simmim_file
+    raw = torch.load(path, weights_only=False)
+    state = dict(raw["model"])
+    state["decoder.0.bias"] = torch.zeros(5)
+    state["extra.step"] = torch.zeros(1)
+    del state["encoder.mask_token"]
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    out = tmp_path / "o.safetensors"
+    err = _error(capsys, ["import", "--from", "official", str(tmp_path / "bad.pth"), "-o", str(out)])
+    assert "missing keys (1): encoder.mask_token" in err and "unexpected keys (1): extra.step" in err
+    assert "decoder.0.bias: file (5,) vs model (3072,)" in err
+
+
+# -------------------------------------------------------------------------------------- atomic replacement
+def test_force_on_a_directory_keeps_the_old_one_until_the_new_is_in_place(backbone_file, tmp_path, monkeypatch):
+    import os
+
+    from pretrain import formats
+
+    path, _ = backbone_file
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_replace = os.replace
+    seen = []
+
+    def failing_replace(src, dst):
+        # The moment the new directory would take the old one's place: the old one must still exist (aside).
+        if Path(dst) == out and Path(src).name.endswith(".tmp"):
+            aside = [p for p in tmp_path.iterdir() if p.name.startswith(".hf.") and p.name.endswith(".old")]
+            seen.append([(p / "hf" / "old.txt").read_text() for p in aside])
+            raise OSError("simulated crash while renaming")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(formats.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        convert.export("hf", path, out, force=True)
+    assert seen == [["old"]]
+    assert (out / "old.txt").read_text() == "old" and not (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"], "temporary or set-aside copies left behind"
+
+    monkeypatch.setattr(formats.os, "replace", real_replace)
+    convert.export("hf", path, out, force=True)
+    assert (out / "config.json").is_file() and not (out / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    # A file replaced by a directory (and back) goes the same way.
+    target = tmp_path / "t"
+    target.write_text("a file")
+    convert.export("hf", path, target, force=True)
+    assert (target / "config.json").is_file()
+    convert.export("timm", path, tmp_path / "t.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "t", "t.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------------- HF dtype
+def test_hf_config_records_dtype_for_old_and_new_transformers(backbone_file, tmp_path):
+    path, _ = backbone_file
+    assert convert.main(["export", "--to", "hf", str(path), "-o", str(tmp_path / "a"), "--dtype", "bf16"]) == 0
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    # transformers >= 4.56 reads "dtype", older ones "torch_dtype".
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    hf = transformers.Swinv2Model.from_pretrained(tmp_path / "a", dtype="auto")
+    assert hf.embeddings.patch_embeddings.projection.weight.dtype == torch.bfloat16
+    assert convert.main(["export", "--to", "hf", str(path), "-o", str(tmp_path / "b")]) == 0
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float32"
+
+
+# ------------------------------------------------------------------------------ stage-0 fp32 master weights
+def test_master_weights_named_by_value_and_order():
+    """bf16 module copies and fp32 masters in two interleaved groups, with bf16-equal pairs b/e (across groups, told
+    apart by their neighbours) and g/h (in one group, told apart by order)."""
+    from pretrain.convert import name_master_weights
+
+    masters = {
+        "a": torch.tensor([0.5, 0.25]),
+        "b": torch.tensor([2.3000, 1.0]),
+        "c": torch.tensor([[1.0, 3.0]]),
+        "d": torch.tensor([[5.0, 6.0]]),
+        "e": torch.tensor([2.3010, 1.0]),
+        "f": torch.tensor([0.125]),
+        "g": torch.tensor([4.0]),
+        "h": torch.tensor([4.001]),
+    }
+    module = {k: v.to(torch.bfloat16) for k, v in masters.items()}
+    assert torch.equal(module["b"], module["e"]) and torch.equal(module["g"], module["h"])
+    layout = [["a", "b", "d"], ["c", "e", "f", "g", "h"]]
+    groups = [[masters[k] for k in names] for names in layout]
+    named = name_master_weights(module, groups)
+    assert sorted(named) == sorted(masters)
+    for key, value in masters.items():
+        assert named[key] is value, key
+
+    # Tied copies in different groups with nothing around them cannot be placed.
+    with pytest.raises(ConversionError, match="cannot tell which fp32 master belongs to which of b, e"):
+        name_master_weights({"b": module["b"], "e": module["e"]}, [[masters["e"]], [masters["b"]]], where="x")
+    with pytest.raises(ConversionError, match=r"fp32 master #0 of optimizer group 1 \(shape \[1\]\) rounds to none"):
+        name_master_weights(module, [groups[0], [torch.tensor([7.0])]])
+    with pytest.raises(ConversionError, match="2 fp32 masters but only 1 module weights round to the same values"):
+        name_master_weights({"a": module["a"]}, [[masters["a"], masters["a"].clone()]])
+
+
+def _fake_stage0_checkpoint(root: Path, module: dict, optimizer: dict) -> Path:
+    """What DeepSpeed's stage-0 save of a bf16 engine writes (checked against DeepSpeed 0.19 in
+    test_convert_deepspeed.py), plus the trainer's client state and COMPLETE marker."""
+    tag_dir = root / "checkpoints" / "step-5"
+    tag_dir.mkdir(parents=True)
+    config = {"model": {"size": "tiny", "img_size": PRE_IMG, "window_size": PRE_WIN}}
+    states = {"module": module, "buffer_names": [], "optimizer": optimizer, "param_shapes": None, "ds_version": "0.19"}
+    torch.save(
+        {**states, "step": 5, "world_size": 1, "zero_stage": 0, "config": config},
+        tag_dir / "mp_rank_00_model_states.pt",
+    )
+    (tag_dir / "COMPLETE").write_text(json.dumps({"step": 5, "world_size": 1, "zero_stage": 0}))
+    return tag_dir
+
+
+def test_consolidate_stage0_bf16_uses_fp32_masters(simmim_file, tmp_path, capsys):
+    path, _ = simmim_file
+    masters = {k: v + 1e-4 * torch.randn_like(v) for k, v in load_weights_file(path)[0].items()}
+    module = {k: v.to(torch.bfloat16) for k, v in masters.items()}
+    # Two groups like the trainer's: decayed matrices and the rest, each in module order.
+    decay = [k for k, v in masters.items() if v.ndim > 1 and "cpb_mlp" not in k]
+    groups = [[masters[k] for k in decay], [v for k, v in masters.items() if k not in decay]]
+    run = tmp_path / "run"
+    _fake_stage0_checkpoint(run, module, {"fp32_groups": groups, "cur_scale": 1.0})
+    out = tmp_path / "fp32.safetensors"
+    assert convert.main(["consolidate", str(run), "-o", str(out)]) == 0
+    state, meta, _ = load_weights_file(out)
+    assert meta["step"] == 5 and meta["kind"] == "simmim"
+    _assert_same_tensors(state, masters)
+    assert convert.main(["consolidate", str(run), "-o", str(tmp_path / "bf16.pth"), "--dtype", "bf16"]) == 0
+    _assert_same_tensors(load_weights_file(tmp_path / "bf16.pth")[0], module)
+
+    # Without the masters, fp32 is refused rather than widened from bf16.
+    bare = tmp_path / "bare"
+    _fake_stage0_checkpoint(bare, module, {"cur_scale": 1.0})
+    capsys.readouterr()
+    err = _error(capsys, ["consolidate", str(bare), "-o", str(tmp_path / "x.safetensors")])
+    assert "the module weights are bfloat16 and the optimizer state holds no fp32 master copy" in err
+    assert "found: ['cur_scale']" in err and "Use --dtype bf16" in err
+    assert convert.main(["consolidate", str(bare), "-o", str(tmp_path / "y.safetensors"), "--dtype", "bf16"]) == 0
+    # A fused Adam's flat per-group buffers carry no shapes to split them by.
+    flat = tmp_path / "flat"
+    _fake_stage0_checkpoint(flat, module, {"fp32_groups_flat": [torch.cat([t.flatten() for t in g]) for g in groups]})
+    err = _error(capsys, ["consolidate", str(flat), "-o", str(tmp_path / "z.safetensors")])
+    assert "saved flattened per param group (fp32_groups_flat" in err and "Use --dtype bf16" in err
+
+
+# ------------------------------------------------------------------------------------- more bad inputs
+def test_bad_hf_directories_and_paths(backbone_file, tmp_path, capsys):
+    path, _ = backbone_file
+    out = str(tmp_path / "o.safetensors")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _error(capsys, ["import", "--from", "hf", str(empty), "-o", out])
+    assert "no config.json; an HF model directory (save_pretrained output) is expected" in err
+    swin = tmp_path / "swin"
+    swin.mkdir()
+    (swin / "config.json").write_text(json.dumps({"model_type": "swin"}))
+    assert "model_type 'swin'; accepted: 'swinv2'" in _error(capsys, ["import", "--from", "hf", str(swin), "-o", out])
+    hf = tmp_path / "hf"
+    assert convert.main(["export", "--to", "hf", str(path), "-o", str(hf)]) == 0
+    (hf / "model.safetensors").unlink()
+    capsys.readouterr()
+    err = _error(capsys, ["import", "--from", "hf", str(hf), "-o", out])
+    assert "no model.safetensors, pytorch_model.bin or a sharded index next to config.json" in err
+    err = _error(capsys, ["import", "--from", "hf", str(path), "-o", out])
+    assert "--from hf reads an HF model directory (with config.json), not a file" in err
+    err = _error(capsys, ["consolidate", str(path), "-o", out])
+    assert "not a directory; expected a DeepSpeed checkpoint directory (step-<N>)" in err
+    assert "no such file or directory" in _error(capsys, ["inspect", str(tmp_path / "missing.pth")])
+    assert "this directory holds no checkpoint this tool knows" in _error(capsys, ["inspect", str(empty)])
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_hf_refuses_what_it_cannot_express(tmp_path, capsys):
+    cases = {
+        "windows": ({"window_size": [12, 12, 6, 6]}, "window_size=[12, 12, 6, 6] differs between stages"),
+        "ape": ({"ape": True}, "ape=True (HF's absolute position embedding has L+1 positions"),
+        "patch_norm": ({"patch_norm": False}, "patch_norm=False (HF always normalises patch embeddings)"),
+    }
+    for name, (kwargs, message) in cases.items():
+        model = SwinTransformerV2(img_size=PRE_IMG, num_classes=0, **{"window_size": PRE_WIN, **kwargs, **ARCH})
+        meta = _meta(model, "backbone")
+        meta["model"].update({k: v for k, v in kwargs.items() if k != "window_size"})
+        path = _save_ours(tmp_path / f"{name}.safetensors", model.state_dict(), meta)
+        err = _error(capsys, ["export", "--to", "hf", str(path), "-o", str(tmp_path / f"{name}-hf")])
+        assert f"cannot express this model in HF Swinv2: {message}" in err, name
+        assert not (tmp_path / f"{name}-hf").exists()
+        if name == "ape":
+            from pretrain.formats import infer_spec
+
+            # Without metadata, the image size is read from the embedding's length (one row per patch).
+            assert infer_spec(model.state_dict()).img_size == PRE_IMG

@@ -1,4 +1,5 @@
-"""consolidate / universal on real DeepSpeed checkpoints written by 2 gloo processes (ZeRO-2 and ZeRO-3).
+"""consolidate / universal on real DeepSpeed checkpoints written by 2 gloo processes (ZeRO-0, 2 and 3; fp32, and
+bf16 for ZeRO-0 and 2).
 
 Run as a script, this file is the worker: ``python tests/test_convert_deepspeed.py train|resume ...``.
 """
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +17,7 @@ import torch
 
 from pretrain import convert
 from pretrain.formats import load_weights_file
-from tests.helpers.launch import rank_env
+from tests.helpers.launch import free_port, rank_env
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def _batch(seed: int, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return images, mask
 
 
-def _engine(stage: int, universal: bool = False):
+def _engine(stage: int, universal: bool = False, bf16: bool = False):
     import deepspeed
 
     torch.manual_seed(0)
@@ -67,8 +67,17 @@ def _engine(stage: int, universal: bool = False):
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": universal},
+        "bf16": {"enabled": bf16},
     }
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    if bf16:
+        # The trainer's parameter groups (decay / no decay, interleaved in module order): the stage-0 optimizer
+        # saves its fp32 masters per group without names, which consolidate must put back in place.
+        from pretrain.simmim import simmim_param_groups
+
+        params = simmim_param_groups(model, _config())
+    else:
+        params = model.parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
@@ -77,6 +86,8 @@ def _train_steps(engine, first: int, count: int) -> None:
     rank = int(os.environ["RANK"])
     for step in range(first, first + count):
         images, mask = _batch(1000 * step + rank)
+        if engine.bfloat16_enabled():
+            images = images.to(torch.bfloat16)
         loss = engine(images, mask)
         engine.backward(loss)
         engine.step()
@@ -97,6 +108,37 @@ def _gathered(engine) -> dict[str, torch.Tensor]:
 
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
         return {k: v.detach().clone() for k, v in engine.module.named_parameters()}
+
+
+def _fp32_masters(engine) -> dict[str, torch.Tensor]:
+    """The optimizer's fp32 master weights by parameter name, read from the live engine (collective below ZeRO-3)."""
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    optimizer = engine.optimizer
+    if engine.zero_optimization_stage() == 0:
+        # FP16_UnfusedOptimizer: fp16_groups[i][j] is the module parameter whose master is fp32_groups[i][j].
+        return {
+            names[id(low)]: high.detach().clone()
+            for lows, highs in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True)
+            for low, high in zip(lows, highs, strict=True)
+        }
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def _train_bf16(stage: int, out: Path, client: dict) -> None:
+    """bf16 training (the module holds bf16 copies, the optimizer the fp32 masters), saved under ``out``."""
+    from pretrain.checkpoint import save_checkpoint
+
+    engine = _engine(stage, bf16=True)
+    _train_steps(engine, 0, STEPS)
+    save_checkpoint(engine, out / "checkpoints", STEPS, client, keep_last=3)
+    reference = {
+        "masters": _fp32_masters(engine),
+        "module": {k: v.detach().clone() for k, v in engine.module.state_dict().items()},
+    }
+    if int(os.environ["RANK"]) == 0:
+        torch.save(reference, out / "reference.pt")
 
 
 def worker(argv: list[str]) -> None:
@@ -122,6 +164,9 @@ def worker(argv: list[str]) -> None:
         engine.train()
         _train_steps(engine, STEPS, 1)
         engine.save_checkpoint(str(out / "checkpoints"), tag=f"step-{STEPS + 1}", client_state=client)
+        if "bf16" in argv[3:]:
+            # In the same processes: a second launch would cost more than the training itself.
+            _train_bf16(stage, out / "bf16", client)
     elif mode == "resume":
         engine = _engine(stage, universal=True)
         load_dir, client = engine.load_checkpoint(str(out.parent), tag=out.name)
@@ -137,20 +182,14 @@ def worker(argv: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the tests
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(mode: str, stage: int, out: Path, world: int) -> None:
+def _launch(mode: str, stage: int, out: Path, world: int, *extra: str) -> None:
     """This file's worker in ``world`` gloo processes."""
-    _run_ranks([__file__, mode, str(stage), str(out)], world)
+    _run_ranks([__file__, mode, str(stage), str(out), *extra], world)
 
 
 def _run_ranks(argv: list[str], world: int) -> list[str]:
     """Run ``python ARGV`` as ranks 0..world-1 of one job (torchrun-style environment); returns their logs."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = rank_env(rank, world, port, LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
@@ -175,7 +214,8 @@ def _run_ranks(argv: list[str], world: int) -> list[str]:
 @pytest.fixture(scope="module", params=[0, 2, 3], ids=["zero0", "zero2", "zero3"])
 def run_dir(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"zero{request.param}")
-    _launch("train", request.param, out, world=2)
+    # ZeRO-0 and 2 also train in bf16 (ZeRO-3 consolidates through the same zero_to_fp32 path as ZeRO-2).
+    _launch("train", request.param, out, 2, *(["bf16"] if request.param in (0, 2) else []))
     return request.param, out
 
 
@@ -247,6 +287,37 @@ def test_consolidate_refuses_incomplete(run_dir, tmp_path, capsys):
         assert "use `consolidate`" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("run_dir", [0, 2], ids=["zero0", "zero2"], indirect=True)
+def test_consolidate_bf16_training_recovers_fp32_masters(run_dir, tmp_path):
+    """bf16 training: the fp32 output holds the optimizer's fp32 masters, not the bf16 module copies widened."""
+    stage, out = run_dir
+    run = out / "bf16"
+    reference = torch.load(run / "reference.pt")
+    masters, module = reference["masters"], reference["module"]
+    assert all(v.dtype == torch.bfloat16 for v in module.values())
+    # Not vacuous: the masters carry more than bf16 precision.
+    assert any(not torch.equal(v, v.to(torch.bfloat16).float()) for v in masters.values())
+    if stage == 0:
+        # The case the masters must be matched by value: groups interleave in module order and some bf16 copies
+        # coincide (one-head logit scales start equal and move less than a bf16 step).
+        copies = [(tuple(v.shape), tuple(v.view(torch.int16).flatten().tolist())) for v in module.values()]
+        assert len(set(copies)) < len(copies)
+
+    fp32 = tmp_path / "fp32.safetensors"
+    assert convert.main(["consolidate", str(run), "-o", str(fp32)]) == 0
+    state, meta, _ = load_weights_file(fp32)
+    assert meta["zero_stage"] == stage and meta["dtype"] == "fp32"
+    assert sorted(state) == sorted(masters)
+    for key, value in masters.items():
+        assert state[key].dtype == torch.float32 and torch.equal(state[key], value.float()), key
+
+    bf16 = tmp_path / "bf16.safetensors"
+    assert convert.main(["consolidate", str(run), "-o", str(bf16), "--dtype", "bf16"]) == 0
+    state16, _, _ = load_weights_file(bf16)
+    for key, value in module.items():
+        assert torch.equal(state16[key], value), key
+
+
 # ZeRO-1/2 checkpoints also reload at another world size natively; ZeRO-3 is the stage that needs the conversion.
 @pytest.mark.parametrize("run_dir", [0, 3], ids=["zero0", "zero3"], indirect=True)
 def test_universal_resumes_at_world_size_1(run_dir, capsys):
@@ -297,6 +368,7 @@ def test_real_trainer_checkpoint_lifecycle(tmp_path, capsys):
         "checkpoint.every_steps=2",
         "logging.tensorboard=false",
         "logging.image_every=0",
+        "schedule.name=cosine",
         "schedule.epochs=3",
         "schedule.warmup_epochs=0",
     ]
