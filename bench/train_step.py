@@ -6,7 +6,8 @@
 Both variants train the same SimMIM model on the same random batch: "bare" is forward + backward + clip + AdamW
 step in plain PyTorch (bf16 through torch.autocast), "engine" is engine(images, mask) + engine.backward + engine.step
 (bf16 through DeepSpeed's bf16 mode). Runs as a single process (world size 1); the best of ``--repeats`` timings is
-kept, since other processes may share the machine. MFU uses the peak of pretrain.metrics.peak_flops.
+kept, since other processes may share the machine. MFU uses the peak of pretrain.metrics.peak_flops in each
+precision's compute dtype (on CPU a matmul measured in that dtype), as the trainer does.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--zero", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     args = parser.parse_args()
 
     from pretrain.distributed import init_process_group, resolve_launch_env
@@ -47,14 +48,13 @@ def main() -> None:
     resolve_launch_env()
     init_process_group("gloo", 10)
     device = torch.device("cpu")
-    peak, source = peak_flops(device)
-    print(
-        f"SimMIM SwinV2-{args.size} {args.img}/w{args.window}, batch {args.batch}, {torch.get_num_threads()} threads; "
-        f"peak {peak / 1e9:.1f} GFLOP/s ({source})"
-    )
+    print(f"SimMIM SwinV2-{args.size} {args.img}/w{args.window}, batch {args.batch}, {torch.get_num_threads()} threads")
     print(f"{'precision':<10}{'variant':<12}{'s/step':>10}{'img/s':>10}{'MFU %':>8}{'vs bare':>9}")
     bare = float("nan")
     for precision in args.precision:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        peak, source = peak_flops(device, dtype)
+        print(f"{precision}: peak {peak / 1e9:.1f} GFLOP/s ({source})")
         for name, seconds, flops in _measure(precision, args):
             rate = args.batch / seconds
             mfu = 100 * 3 * flops * rate / peak

@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=10")
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may come before and after the options (`python -m pretrain a=1 --config X b=2`); plain
+    # parse_args stops collecting the positional list at the first option and rejects the rest.
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

@@ -27,6 +27,7 @@ __all__ = [
     "read_marker",
     "save_checkpoint",
     "tag_for",
+    "universal_dir",
 ]
 
 MARKER = "COMPLETE"
@@ -76,13 +77,31 @@ def find_latest_complete(ckpt_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def universal_dir(tag_dir: str | Path) -> Path:
+    """Where ``python -m pretrain.convert universal`` (and the trainer's automatic conversion) puts ``tag_dir``'s
+    universal-format copy: ``step-<N>_universal`` next to it."""
+    tag_dir = Path(tag_dir)
+    return tag_dir.with_name(tag_dir.name + "_universal")
+
+
 def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank saves its part; rank 0 then writes the marker and prunes to the newest ``keep_last``."""
+    """Collective: every rank saves its part; rank 0 then writes the marker and prunes to the newest ``keep_last``.
+
+    The tag folder may already exist (a run resumed from an older checkpoint reaches a step it had saved before):
+    rank 0 removes its marker, then the folder and the universal copy converted from it, before any rank writes. A
+    save cut short by a crash then leaves a folder without a marker, never a half-new one that looks complete, and
+    no shard of the old save (another world size writes other ``*optim_states.pt`` names) mixes with the new ones.
+    """
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+    if dist.get_rank() == 0 and (tag_dir.exists() or universal_dir(tag_dir).exists()):
+        (tag_dir / MARKER).unlink(missing_ok=True)  # first: an interrupted removal leaves an incomplete folder
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
+    dist.barrier()  # no rank writes into the folder before the old save is gone
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     dist.barrier()
-    tag_dir = ckpt_dir / tag
     if dist.get_rank() == 0:
         meta = {
             "step": step,
@@ -94,6 +113,9 @@ def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: 
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, tag_dir / MARKER)
         for old in list_complete(ckpt_dir)[:-keep_last]:
+            # The marker goes first: a prune cut short leaves an incomplete folder, never a damaged complete one.
+            (old / MARKER).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(universal_dir(old), ignore_errors=True)
     dist.barrier()
     return tag_dir

@@ -16,7 +16,14 @@ from .simmim import SimMIM, build_simmim, simmim_param_groups
 if TYPE_CHECKING:
     from .config import PretrainConfig
 
-__all__ = ["build_engine", "compute_dtype", "deepspeed_config", "resolve_device"]
+__all__ = [
+    "build_engine",
+    "compute_dtype",
+    "deepspeed_config",
+    "loss_scale",
+    "overflow_skipped_steps",
+    "resolve_device",
+]
 
 
 def resolve_device(cfg: PretrainConfig, local_rank: int) -> torch.device:
@@ -124,3 +131,25 @@ def build_engine(cfg: PretrainConfig, world_size: int, steps_per_epoch: int, loa
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config, dist_init_required=False
     )
     return engine
+
+
+def loss_scale(engine: Any) -> float:
+    """The current fp16 loss scale (NaN when the engine has none).
+
+    DeepSpeed 0.19's fp16 optimizer at ZeRO stage 0 (FP16_Optimizer) keeps the scale in ``loss_scale_config`` and
+    has no ``cur_scale`` attribute; the ZeRO optimizers have ``cur_scale``. The engine's own accessor knows both;
+    the attribute fallbacks cover versions without it.
+    """
+    getter = getattr(engine, "_get_optimizer_loss_scale", None)
+    value = getter() if callable(getter) else None
+    if value is None:
+        optimizer = getattr(engine, "optimizer", None)
+        value = getattr(optimizer, "loss_scale", None)
+        if value is None:
+            value = getattr(optimizer, "cur_scale", None)
+    return float(value) if value is not None else float("nan")
+
+
+def overflow_skipped_steps(engine: Any) -> int:
+    """Optimizer steps DeepSpeed skipped because fp16 gradients overflowed (kept across resume in its checkpoint)."""
+    return int(getattr(engine, "skipped_steps", 0))

@@ -2,14 +2,17 @@
 
 Scalar names follow torchtitan's where one exists. MFU = achieved training FLOP/s / peak FLOP/s of the device, with
 training FLOPs = 3 x forward FLOPs (recomputation by activation checkpointing not counted); the peak is a table of
-dense bf16 figures for known GPUs and, on CPU, a measured float32 matmul rate.
+dense 16-bit figures for known GPUs and, on CPU, a matmul rate measured in the compute dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,40 +21,74 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["GPU_PEAK_TFLOPS", "MetricsLogger", "count_forward_flops", "peak_flops"]
+__all__ = ["GPU_PEAK_TFLOPS", "MetricsLogger", "count_forward_flops", "gpu_peak_tflops", "peak_flops", "trim_jsonl"]
 
 log = logging.getLogger("pretrain")
 
-# Dense bf16/fp16 tensor-core peaks, TFLOP/s (vendor data sheets).
+# Dense bf16/fp16 tensor-core peaks, TFLOP/s (vendor data sheets; without the 2:4 sparsity figures). Keys are matched
+# as whole words of torch.cuda.get_device_name(), longest first: "A10" does not match an "A10G" (a different chip at
+# about half the A10's rate), "H100" does not match "H100 PCIe".
 GPU_PEAK_TFLOPS = {
+    "B200": 2250.0,
+    "GH200": 989.0,
     "H200": 989.0,
     "H100 NVL": 835.0,
     "H100 PCIe": 756.0,
     "H100": 989.0,
+    "H800": 989.0,
     "A100": 312.0,
     "A800": 312.0,
     "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10G": 70.0,
     "A10": 125.0,
     "V100": 125.0,
 }
 
 
-def peak_flops(device: torch.device) -> tuple[float, str]:
-    """(peak FLOP/s, where the figure comes from) for ``device``; measured once on CPU."""
+def gpu_peak_tflops(name: str) -> tuple[float, str] | None:
+    """(dense 16-bit peak in TFLOP/s, table key) for a CUDA device name, or None for a GPU not in the table."""
+    for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
+            return GPU_PEAK_TFLOPS[key], key
+    return None
+
+
+@functools.cache
+def _measured_cpu_peak(dtype: torch.dtype) -> float:
+    """FLOP/s of a 1024^3 matmul in ``dtype`` on this CPU (all of torch's threads): the best of 5 windows of about
+    60 ms, since other processes sharing the CPU slow some windows down and a peak should not include that."""
+    n = 1024
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)  # warm-up: thread pool, kernel selection
+    best = 0.0
+    for _ in range(5):
+        reps, start = 0, time.perf_counter()
+        while True:
+            torch.mm(a, b)
+            reps += 1
+            elapsed = time.perf_counter() - start
+            if elapsed > 0.06:
+                break
+        best = max(best, 2 * n**3 * reps / elapsed)
+    return best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """(peak FLOP/s, where the figure comes from) for ``device`` computing in ``dtype``.
+
+    GPUs: the dense 16-bit tensor-core figure of :data:`GPU_PEAK_TFLOPS` (also for fp32 runs, as torchtitan does, so
+    MFU compares against what the hardware offers); NaN for an unknown GPU. CPU: measured once per dtype with a
+    matmul in the compute dtype, since bf16 and fp32 matmuls run at different rates on CPUs.
+    """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12, f"table ({key})"
-        return float("nan"), f"unknown GPU {name!r}"
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    start, reps = time.perf_counter(), 10
-    for _ in range(reps):
-        torch.mm(a, b)
-    elapsed = time.perf_counter() - start
-    return 2 * n**3 * reps / elapsed, "measured fp32 matmul"
+        hit = gpu_peak_tflops(name)
+        if hit is None:
+            return float("nan"), f"unknown GPU {name!r}: MFU not computed"
+        return hit[0] * 1e12, f"table ({hit[1]}, dense 16-bit)"
+    return _measured_cpu_peak(dtype), f"measured {str(dtype).replace('torch.', '')} matmul"
 
 
 def count_forward_flops(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor) -> float:
@@ -61,38 +98,90 @@ def count_forward_flops(model: torch.nn.Module, images: torch.Tensor, mask: torc
     return counter.get_total_flops() / images.shape[0]
 
 
+def trim_jsonl(path: Path, last_step: int) -> int:
+    """Drop the records of ``path`` past ``last_step`` (and a torn last line), atomically; returns how many went.
+
+    A resumed run repeats the steps after its checkpoint: the killed run's records for them would otherwise stay in
+    the file next to the new ones. The file is rewritten under a temporary name and renamed, so a crash leaves
+    either the old or the trimmed file.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1  # a line cut short by a kill mid-write
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsLogger:
     """Writes metrics on rank 0 only (other ranks get a no-op logger).
 
+    Console lines (messages and one line per log step) also go to ``run_dir/train.log`` (appended, never trimmed, so
+    it keeps the history of every start of the run). TensorBoard, the JSONL file and the progress bar open in
+    :meth:`begin`, once the step the run (re)starts from is known.
+
     Args:
-        run_dir: run directory (tb/, metrics.jsonl and images/ go under it).
+        run_dir: run directory (train.log, tb/, metrics.jsonl and images/ go under it).
         cfg: the logging section.
         rank: this process's rank.
         total_steps: optimizer steps of the run (progress bar and ETA).
-        start_step: first step of this process (after resume).
     """
 
-    def __init__(self, run_dir: Path, cfg: Any, rank: int, total_steps: int, start_step: int) -> None:
+    def __init__(self, run_dir: Path, cfg: Any, rank: int, total_steps: int) -> None:
         self.enabled = rank == 0
+        self.run_dir = run_dir
         self.cfg = cfg
         self.total_steps = total_steps
         self.bar = None
         self.tb = None
         self.jsonl = None
+        self.text = None
+        self.images_dir = run_dir / "images"
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.tensorboard:
+        self.text = open(run_dir / "train.log", "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self.text.write(f"---- {time.strftime('%Y-%m-%d %H:%M:%S')} start (pid {os.getpid()})\n")
+
+    def begin(self, start_step: int) -> None:
+        """Open TensorBoard, the JSONL file and the progress bar for a run that continues after ``start_step``.
+
+        Entries of an earlier, killed run past ``start_step`` are dropped: TensorBoard through ``purge_step``, the
+        JSONL file by rewriting it without them (see :func:`trim_jsonl`).
+        """
+        if not self.enabled:
+            return
+        if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-        if cfg.jsonl:
-            self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
-        self.images_dir = run_dir / "images"
-        if cfg.progress_bar and sys.stderr.isatty():
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
+        if self.cfg.jsonl:
+            path = self.run_dir / "metrics.jsonl"
+            dropped = trim_jsonl(path, start_step)
+            if dropped:
+                self.message(
+                    f"metrics.jsonl: dropped {dropped} records past step={start_step}, where this run continues "
+                    f"(left by an earlier run that went further)"
+                )
+            self.jsonl = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        if self.cfg.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=self.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """One log step: console line, TensorBoard scalars, JSONL record, progress bar."""
@@ -105,12 +194,14 @@ class MetricsLogger:
             f"mfu={scalars.get('mfu_pct', float('nan')):.2f}% data={scalars['data_loading_pct']:.0f}% "
             f"skipped={int(scalars.get('skipped_samples', 0))} eta={_hms(eta)}"
         )
+        if "loss_scale" in scalars:
+            line += (
+                f" loss_scale={scalars['loss_scale']:g} overflow_skips={int(scalars.get('overflow_skipped_steps', 0))}"
+            )
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(f"loss={scalars['loss']:.4f} img/s={scalars['throughput_total']:.1f}")
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
+        self.message(line)
         if self.tb is not None:
             for key, value in scalars.items():
                 if value is not None and math.isfinite(value):
@@ -153,19 +244,25 @@ class MetricsLogger:
         return path
 
     def message(self, text: str) -> None:
-        if self.enabled:
-            if self.bar is not None:
-                self.bar.write(text)
-            else:
-                print(text, flush=True)
+        """A console line on rank 0 (above the progress bar when there is one), also appended to train.log."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+        self.record(text)
+
+    def record(self, text: str) -> None:
+        """A line for train.log only (e.g. the error that ends the run, which the entry point prints itself)."""
+        if self.text is not None:
+            self.text.write(text + "\n")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
+        for handle in (self.bar, self.tb, self.jsonl, self.text):
+            if handle is not None:
+                handle.close()
+        self.bar = self.tb = self.jsonl = self.text = None
 
 
 _TB_NAMES = {
@@ -181,6 +278,7 @@ _TB_NAMES = {
     "mfu_pct": "mfu(%)",
     "skipped_samples": "data/skipped_samples",
     "nonfinite_steps": "loss_metrics/nonfinite_steps",
+    "overflow_skipped_steps": "loss_metrics/overflow_skipped_steps",
 }
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from .config import PretrainConfig
 
 __all__ = ["LRSchedule", "build_optimizer", "lr_scale_factor"]
+
+log = logging.getLogger("pretrain")
 
 
 def lr_scale_factor(cfg: PretrainConfig, world_size: int) -> float:
@@ -83,15 +86,31 @@ class LRSchedule:
         self._apply()
 
 
+def _apex_fused_adam(groups: list[dict], kwargs: dict[str, Any]) -> torch.optim.Optimizer | None:
+    """apex's FusedAdam in AdamW mode, or None when apex (or its CUDA extensions) is not installed."""
+    try:
+        from apex.optimizers import FusedAdam
+    except ImportError:
+        return None
+    try:
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    except RuntimeError as exc:  # apex installed without its compiled CUDA extensions
+        log.warning("apex is importable but its FusedAdam cannot be used (%s); using torch's fused AdamW", exc)
+        return None
+
+
 def build_optimizer(groups: list[dict], cfg: PretrainConfig, device_type: str) -> torch.optim.Optimizer:
-    """AdamW over ``groups``: apex's FusedAdam on CUDA when importable, else torch's (fused kernel on CUDA)."""
+    """AdamW over ``groups``: apex's FusedAdam on CUDA when importable, else torch's (fused kernel on CUDA).
+
+    apex is optional and only ever used for this: its multi-tensor FusedAdam updates all parameters of a group in a
+    few kernel launches. Without apex, torch's ``fused=True`` AdamW does the same job. With optimizer offload the
+    update runs on the CPU, so plain torch AdamW is used (DeepSpeed's CPUAdam would need a compiled op).
+    """
     o = cfg.optimizer
     kwargs = {"lr": o.base_lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     if device_type == "cuda" and not cfg.distributed.offload_optimizer:
-        try:  # optional acceleration, never required
-            from apex.optimizers import FusedAdam
-
-            return FusedAdam(groups, adam_w_mode=True, **kwargs)
-        except ImportError:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        fused = _apex_fused_adam(groups, kwargs)
+        if fused is not None:
+            return fused
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)

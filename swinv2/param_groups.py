@@ -65,9 +65,10 @@ def param_groups(
 ) -> list[dict]:
     """Split trainable parameters into weight-decay / no-decay groups, optionally per layer for lr decay.
 
-    Never decayed: 1-D parameters and names ending in ".bias" (as the official optimizer builder), plus names in
-    ``no_decay_names`` (exact, or after a module prefix) and names containing one of ``no_decay_keywords``. Pass the
-    backbone's ``no_weight_decay()`` / ``no_weight_decay_keywords()`` to get the official fine-tuning behaviour.
+    Never decayed: 1-D parameters (by their full shape, also when ZeRO-3 has partitioned them) and names ending in
+    ".bias" (as the official optimizer builder), plus names in ``no_decay_names`` (exact, or after a module prefix) and
+    names containing one of ``no_decay_keywords``. Pass the backbone's ``no_weight_decay()`` /
+    ``no_weight_decay_keywords()`` to get the official fine-tuning behaviour.
 
     Args:
         model: a SwinTransformerV2, or any module holding one (e.g. SimMIM's ``encoder``); layer ids are computed
@@ -91,8 +92,10 @@ def param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        # Under ZeRO-3 (deepspeed.zero.Init) a parameter's data is an empty 1-D partition; ``ds_shape`` keeps the
+        # full shape, which is what the rule is about.
         no_decay = (
-            param.ndim <= 1
+            len(getattr(param, "ds_shape", param.shape)) <= 1
             or name.endswith(".bias")
             or _matches_name(name, no_decay_names)
             or any(word in name for word in no_decay_keywords)

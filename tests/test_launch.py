@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.__main__ import main
 from pretrain.distributed import LaunchError, resolve_launch_env
 from tests.helpers.launch import REPO, free_port, losses, make_image_folder, tiny_overrides
 
@@ -86,6 +87,18 @@ def test_slurm_without_scontrol_says_to_set_master(monkeypatch: pytest.MonkeyPat
         resolve_launch_env(env)
 
 
+def test_overrides_before_and_after_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m pretrain a=1 --config X b=2`: overrides on both sides of the options are all applied, in order."""
+    recipe = "configs/demo_cpu.yaml"
+    code = main(["training.seed=7", "--config", recipe, "training.max_steps=2", "--print-config", "data.hflip=0.25"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "seed: 7" in out and "max_steps: 2" in out and "hflip: 0.25" in out
+    assert "size: tiny" in out  # from the YAML recipe in between
+    assert main(["training.max_steps=2", "--config", recipe, "training.max_steps=3", "--print-config"]) == 0
+    assert "max_steps: 3" in capsys.readouterr().out  # the later override wins
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"), 16)
@@ -153,3 +166,24 @@ def test_two_torchrun_nodes_on_loopback(tmp_path: Path, images: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "nodes=2" in outputs[0] and "world_size=2" in outputs[0]
     assert sorted(losses(tmp_path / "run")) == [1, 2]
+
+
+@pytest.mark.slow
+def test_plain_python_without_any_launcher_variable(tmp_path: Path, images: Path) -> None:
+    """`python -m pretrain` in an environment holding no launcher variable at all trains as world size 1."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("training:\n  precision: fp32\n  device: cpu\n")
+    args = tiny_overrides(tmp_path / "run", images, **{"training.max_steps": 2})
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path)), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", *args[:3], "--config", str(recipe), *args[3:]],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    _check_run(tmp_path / "run", proc, 1)
+    assert "launcher=none" in proc.stdout
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "world_size=1" in log and "step=2/2" in log

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.helpers.launch import (
     REPO,
@@ -29,6 +32,53 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"), 48)
+
+
+@pytest.fixture(scope="module")
+def images_with_corrupt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 images and 4 unreadable files: batches report skipped samples (52 files = 6 steps of 8 per epoch)."""
+    root = make_image_folder(tmp_path_factory.mktemp("images-corrupt"), 48)
+    for i in range(4):
+        (root / f"class{i % 2}" / f"broken{i}.jpg").write_bytes(b"not an image " * (i + 1))
+    return root
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard scalars as the TensorBoard reader sees them (purged steps of a restarted run removed)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    reader = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0})
+    reader.Reload()
+    return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]} | {
+        "__images__": reader.Tags()["images"]
+    }
+
+
+def _run_module(module: str, args: list[str], world: int, timeout: float = 600) -> list[str]:
+    """``python -m MODULE ARGS`` as ranks 0..world-1 of one gloo job; returns their outputs (all must exit 0)."""
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=rank_env(rank, world, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0] * world, "\n".join(o[-3000:] for o in outputs)
+    return outputs
 
 
 def _run(tmp: Path, name: str, images: Path, world: int, **overrides: object) -> dict[int, float]:
@@ -59,52 +109,85 @@ def test_zero_stages_reproduce_single_process(tmp_path: Path, images: Path) -> N
         _assert_close(reference, result, name=name)
 
 
-def test_gradient_accumulation_matches_large_batch(tmp_path: Path, images: Path) -> None:
-    """2 micro-batches of 4 accumulated == 1 batch of 8 (clipping and stepping only at the boundary)."""
+def test_gradient_accumulation_with_clipping_and_offload_matches_large_batch(tmp_path: Path, images: Path) -> None:
+    """2 processes at ZeRO-2 with optimizer CPU offload, 2 micro-batches of 2 each accumulated == 1 process with a
+    batch of 8, with a clip threshold that is active (DeepSpeed clips and steps only at the accumulation boundary)."""
     large = _run(tmp_path, "b8", images, 1, **{"data.batch_size": 8, "training.max_steps": 4})
-    accumulated = _run(
-        tmp_path,
-        "b4x2",
-        images,
-        1,
-        **{"data.batch_size": 4, "training.grad_accum_steps": 2, "training.max_steps": 4, "optimizer.clip_grad": 0.05},
-    )
     clipped_large = _run(
         tmp_path, "b8c", images, 1, **{"data.batch_size": 8, "training.max_steps": 4, "optimizer.clip_grad": 0.05}
     )
+    accumulated = _run(
+        tmp_path,
+        "2x2x2",
+        images,
+        2,
+        **{
+            "data.batch_size": 2,
+            "training.grad_accum_steps": 2,
+            "training.max_steps": 4,
+            "optimizer.clip_grad": 0.05,
+            "distributed.zero_stage": 2,
+            "distributed.offload_optimizer": "true",
+        },
+    )
     _assert_close(clipped_large, accumulated)
     assert large != clipped_large  # the clip threshold is active, so the comparison covers clipping
+    assert "offload" in (tmp_path / "2x2x2" / "config.yaml").read_text()
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, images: Path) -> None:
-    """6 straight steps == 3 steps, kill -9 of the whole job, 3 resumed steps; an unmarked checkpoint is skipped."""
+def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, images_with_corrupt: Path) -> None:
+    """6 straight steps == 3 steps, kill -9 of the whole job, 3 resumed steps: losses, skipped-sample totals, and
+    metrics.jsonl / TensorBoard without the killed run's entries past step 3. An unmarked checkpoint is skipped."""
+    data = images_with_corrupt
     common = {"distributed.zero_stage": 1, "training.max_steps": 6, "checkpoint.every_steps": 3}
-    straight = _run(tmp_path, "straight", images, 2, **common)
+    straight_dir = tmp_path / "straight"
+    assert run_ranks(tiny_overrides(straight_dir, data, **common), 2, tmp_path / "straight-logs") == [0, 0]
+    straight = {r["step"]: r for r in _records(straight_dir)}
+    # The broken files fall in the first 3 steps: a total that restarted from 0 after resume would differ.
+    assert straight[3]["skipped_samples"] > 0
 
     run_dir = tmp_path / "killed"
-    args = tiny_overrides(run_dir, images, **{**common, "training.max_steps": 1000})
-    procs = start_ranks(args, 2, tmp_path / "killed-logs-1")
+    killed = {**common, "training.max_steps": 1000, "logging.tensorboard": "true"}
+    procs = start_ranks(tiny_overrides(run_dir, data, **killed), 2, tmp_path / "killed-logs-1")
     marker = run_dir / "checkpoints" / "step-3" / "COMPLETE"
     deadline = time.time() + 300
-    while not marker.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
-        time.sleep(0.2)
+
+    def logged_past_3() -> bool:
+        jsonl = run_dir / "metrics.jsonl"
+        return marker.exists() and jsonl.exists() and '"step": 4,' in jsonl.read_text()
+
+    while not logged_past_3() and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
     for proc in procs:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert marker.exists(), log_text(tmp_path / "killed-logs-1")
+    assert logged_past_3(), log_text(tmp_path / "killed-logs-1")
+    # The kill may land after a later save: resume from step 3 in any case.
+    for later in (run_dir / "checkpoints").glob("step-*"):
+        if int(later.name.split("-")[1]) > 3:
+            shutil.rmtree(later)
 
-    codes = run_ranks(tiny_overrides(run_dir, images, **common), 2, tmp_path / "killed-logs-2")
-    assert codes == [0, 0], log_text(tmp_path / "killed-logs-2")
-    assert "resumed from" in log_text(tmp_path / "killed-logs-2") and "at step=3" in log_text(
-        tmp_path / "killed-logs-2"
-    )
-    resumed = losses(run_dir)
+    codes = run_ranks(tiny_overrides(run_dir, data, **common, **{"logging.tensorboard": "true"}), 2, tmp_path / "l2")
+    assert codes == [0, 0], log_text(tmp_path / "l2")
+    text = log_text(tmp_path / "l2")
+    assert "resumed from" in text and "at step=3" in text
+    assert "metrics.jsonl: dropped" in text
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # the killed run's records past step 3 are gone
     for step in (4, 5, 6):
-        assert resumed[step] == straight[step], f"step {step}: {resumed[step]} vs {straight[step]}"
+        assert records[step - 1]["loss"] == straight[step]["loss"], f"step {step}"
+    assert records[-1]["skipped_samples"] == straight[6]["skipped_samples"]
+    assert records[-1]["images_seen"] == straight[6]["images_seen"]
+    losses_tb = _scalars(run_dir / "tb")["loss_metrics/global_avg_loss"]
+    assert [step for step, _ in losses_tb] == [1, 2, 3, 4, 5, 6]
+    assert losses_tb[-1][1] == pytest.approx(straight[6]["loss"], rel=1e-6)
+    # train.log keeps both starts (appended), with the resume.
+    log = (run_dir / "train.log").read_text()
+    assert log.count(" start (pid ") == 2 and "resumed from" in log and "step=6/6" in log
 
     # Remove the newest checkpoint's marker: a resume must take step-3, not the half-written step-6.
     (run_dir / "checkpoints" / "step-6" / "COMPLETE").unlink()
-    codes = run_ranks(tiny_overrides(run_dir, images, **common), 2, tmp_path / "killed-logs-3")
+    codes = run_ranks(tiny_overrides(run_dir, data, **common), 2, tmp_path / "killed-logs-3")
     assert codes == [0, 0]
     assert "at step=3" in log_text(tmp_path / "killed-logs-3")
 
@@ -139,6 +222,7 @@ def test_preemption_signal_saves_and_exits_75(tmp_path: Path, images: Path) -> N
     procs = start_ranks(args, 2, tmp_path / "preempt-logs")
     deadline = time.time() + 300
     while "step=2/" not in log_text(tmp_path / "preempt-logs") and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), log_text(tmp_path / "preempt-logs")
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGUSR1)  # one rank is enough: the flag is shared at the next step boundary
     codes = [p.wait(timeout=120) for p in procs]
@@ -173,20 +257,7 @@ def test_zero3_holds_half_of_parameters_and_optimizer_state_per_rank(tmp_path: P
         "training.device=cpu",
         "distributed.zero_stage=3",
     ]
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.helpers.zero3_partition", *args],
-            cwd=REPO,
-            env=rank_env(rank, 2, port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
+    outputs = _run_module("tests.helpers.zero3_partition", args, 2)
     reports = [
         json.loads(line.split("PARTITION ", 1)[1])
         for out in outputs
@@ -204,30 +275,109 @@ def test_zero3_holds_half_of_parameters_and_optimizer_state_per_rank(tmp_path: P
     assert sum(r["params"] for r in reports) >= full
 
 
-def test_zero2_resume_at_another_world_size_goes_through_universal(tmp_path: Path, images: Path) -> None:
-    run_dir = tmp_path / "elastic"
-    saved = run_ranks(
-        tiny_overrides(run_dir, images, **{"training.max_steps": 2, "distributed.zero_stage": 2}), 2, tmp_path / "l1"
+def test_world_size_change_resumes_through_automatic_universal_conversion(tmp_path: Path, images: Path) -> None:
+    """ZeRO-3 saved by 2 ranks resumes on 1, ZeRO-2 saved by 1 rank resumes on 2: rank 0 converts to DeepSpeed's
+    universal format by itself, says so, and the data continues from the global sample offset, so with the same
+    global batch the resumed steps equal an uninterrupted 1-process run's."""
+    reference = _run(tmp_path, "reference", images, 1, **{"data.batch_size": 8, "training.max_steps": 4})
+    batch = {1: 8, 2: 4}  # per-rank micro-batch keeping the global batch at 8
+    for stage, before, after in ((3, 2, 1), (2, 1, 2)):
+        run_dir = tmp_path / f"zero{stage}"
+        common = {"distributed.zero_stage": stage}
+        first = tiny_overrides(run_dir, images, **common, **{"training.max_steps": 2, "data.batch_size": batch[before]})
+        logs = tmp_path / f"zero{stage}-1"
+        assert run_ranks(first, before, logs) == [0] * before, log_text(logs)
+        second = tiny_overrides(run_dir, images, **common, **{"training.max_steps": 4, "data.batch_size": batch[after]})
+        codes = run_ranks(second, after, tmp_path / f"zero{stage}-2")
+        text = log_text(tmp_path / f"zero{stage}-2")
+        assert codes == [0] * after, text
+        universal = run_dir / "checkpoints" / "step-2_universal"
+        assert f"saved by ZeRO-{stage} at world size {before}, this run has {after}" in text
+        assert "converts it to DeepSpeed's universal format now" in text
+        assert f"resumed from {universal} at step=2 (epoch 0, sample 16 of the epoch = batch 2 at 8 images" in text
+        assert (universal / "UNIVERSAL").is_file()
+        resumed = {step: loss for step, loss in losses(run_dir).items() if step > 2}
+        _assert_close({step: reference[step] for step in (3, 4)}, resumed, name=f"zero{stage} {before}->{after}")
+
+
+def test_zero3_param_groups_resume_decision_and_stale_marker_on_real_engines(tmp_path: Path) -> None:
+    """In 2 gloo processes (tests/helpers/engine_checks.py): parameter groups under zero.Init equal stage 0's; the
+    resume checkpoint is rank 0's choice even when rank 1 sees another; a save into a step folder that already holds
+    a complete checkpoint, cut short, leaves no marker (and no stale universal copy); keep-last pruning."""
+    outputs = _run_module(
+        "tests.helpers.engine_checks", [str(tmp_path), *tiny_overrides(tmp_path / "run", tmp_path)], 2
     )
-    assert saved == [0, 0]
-    single = tiny_overrides(
-        run_dir, images, **{"training.max_steps": 4, "distributed.zero_stage": 2, "data.batch_size": 8}
+    for name in ("zero3_param_groups", "resume_decision_is_rank0s", "overwrite_removes_stale_marker"):
+        for rank, output in enumerate(outputs):
+            assert f"CHECK {name} ok (rank {rank})" in output, output[-3000:]
+
+
+def test_bf16_zero2_metrics_images_pruning_and_explicit_resume(tmp_path: Path, images: Path) -> None:
+    """The default precision (bf16) on 2 processes at ZeRO-2: finite losses; every metric in TensorBoard and the
+    JSONL file; reconstruction PNGs; train.log; keep-last pruning. Then an explicit checkpoint.resume=PATH into the
+    middle of the run (which re-saves over a complete step-3), and a PATH without a marker refused clearly."""
+    run_dir = tmp_path / "bf16"
+    settings = {
+        "training.precision": "bf16",
+        "distributed.zero_stage": 2,
+        "training.max_steps": 3,
+        "checkpoint.every_steps": 1,
+        "checkpoint.keep_last": 2,
+        "logging.image_every": 1,
+        "logging.tensorboard": "true",
+    }
+    assert run_ranks(tiny_overrides(run_dir, images, **settings), 2, tmp_path / "l1") == [0, 0], log_text(
+        tmp_path / "l1"
     )
-    assert run_ranks(single, 1, tmp_path / "l2") == [2]
-    message = log_text(tmp_path / "l2")
-    assert "saved by ZeRO-2 at world size 2, this run has 1" in message
-    assert f"python -m pretrain.convert universal {run_dir / 'checkpoints' / 'step-2'}" in message
-    convert = subprocess.run(
-        [sys.executable, "-m", "pretrain.convert", "universal", str(run_dir / "checkpoints" / "step-2")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert convert.returncode == 0, convert.stderr[-2000:]
-    assert run_ranks(single, 1, tmp_path / "l3") == [0], log_text(tmp_path / "l3")
-    assert f"resumed from {run_dir / 'checkpoints' / 'step-2_universal'} at step=2" in log_text(tmp_path / "l3")
-    assert sorted(losses(run_dir))[-2:] == [3, 4]
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records), records
+    expected_keys = {
+        "step", "loss", "lr", "grad_norm", "throughput_total", "throughput_per_device", "data_loading_pct", "tflops",
+        "mfu_pct", "skipped_samples", "nonfinite_steps", "overflow_skipped_steps", "images_seen", "epoch", "eta_s",
+        "memory_max_gib",
+    }  # fmt: skip
+    assert set(records[-1]) == expected_keys
+    assert all(math.isfinite(records[-1][k]) for k in ("grad_norm", "tflops", "mfu_pct", "memory_max_gib"))
+    scalars = _scalars(run_dir / "tb")
+    for tag in (
+        "loss_metrics/global_avg_loss",
+        "lr",
+        "grad_norm",
+        "throughput(img/s per device)",
+        "throughput(img/s total)",
+        "time_metrics/data_loading(%)",
+        "memory/max_active(GiB)",
+        "tflops",
+        "mfu(%)",
+        "data/skipped_samples",
+    ):
+        assert [step for step, _ in scalars.get(tag, [])] == [1, 2, 3], (tag, sorted(scalars))
+    assert "reconstruction" in scalars["__images__"]
+    for step in (1, 2, 3):
+        with Image.open(run_dir / "images" / f"step-{step:08d}.png") as grid:
+            assert grid.format == "PNG" and grid.width > 32 and grid.height > 3 * 32  # 3 rows of 32-px images
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-2", "step-3"]
+    assert (run_dir / "config.yaml").is_file()
+    log = (run_dir / "train.log").read_text()
+    assert "step=3/3" in log and f"saved checkpoint {run_dir / 'checkpoints' / 'step-3'}" in log
+
+    step2 = run_dir / "checkpoints" / "step-2"
+    again = tiny_overrides(run_dir, images, **{**settings, "checkpoint.resume": str(step2), "logging.image_every": 0})
+    assert run_ranks(again, 2, tmp_path / "l2") == [0, 0], log_text(tmp_path / "l2")
+    assert f"resumed from {step2} at step=2" in log_text(tmp_path / "l2")
+    rerun = _records(run_dir)
+    assert [r["step"] for r in rerun] == [1, 2, 3]
+    assert rerun[2]["loss"] == pytest.approx(records[2]["loss"], rel=1e-6)
+    assert (run_dir / "checkpoints" / "step-3" / "COMPLETE").is_file()
+
+    unmarked = run_dir / "checkpoints" / "step-9"
+    unmarked.mkdir()
+    bad = tiny_overrides(run_dir, images, **{**settings, "checkpoint.resume": str(unmarked)})
+    assert run_ranks(bad, 1, tmp_path / "l3") == [2]
+    message = log_text(tmp_path / "l3")
+    assert f"checkpoint.resume={str(unmarked)!r}: {unmarked} has no COMPLETE marker" in message
+    assert f"the newest complete one next to it is {run_dir / 'checkpoints' / 'step-3'}" in message
 
 
 def test_non_finite_losses_are_skipped_then_stop(tmp_path: Path, images: Path) -> None:

@@ -31,6 +31,8 @@ def rank_env(rank: int, world: int, port: int, **extra: str) -> dict[str, str]:
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
+        # Workers run as scripts (sys.path[0] is then their own folder): the repo root makes ``tests.*`` importable.
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
         **extra,
     )
     return env
