@@ -166,13 +166,22 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = float(drop_prob)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _keep(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample factor (B, 1, ...): 0 for dropped samples, 1 / keep_prob for kept ones; None when inactive."""
         if self.drop_prob == 0.0 or not self.training:
-            return x
+            return None
         keep_prob = 1.0 - self.drop_prob
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        keep = x.new_empty(shape).bernoulli_(keep_prob)
-        return x * keep.div_(keep_prob)
+        return x.new_empty(shape).bernoulli_(keep_prob).div_(keep_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self._keep(x)
+        return x if keep is None else x * keep
+
+    def add_to(self, residual: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``residual + self(branch)`` in one pass (addcmul) instead of a product and then a sum."""
+        keep = self._keep(branch)
+        return residual + branch if keep is None else torch.addcmul(residual, branch, keep)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"
@@ -618,6 +627,8 @@ class SwinTransformerBlock(nn.Module):
         )
         self.register_buffer("attn_mask", mask, persistent=False)
         perm, inv_perm = window_token_permutation(self.input_resolution, self.window_size, self.shift_size, device)
+        # One unshifted window covering the whole stage (stages 2 and 3 at 192/w12): the order is already right.
+        self.identity_order = self.window_size == self.input_resolution and not shifted
         self.register_buffer("token_perm", perm, persistent=False)
         self.register_buffer("token_inv_perm", inv_perm, persistent=False)
 
@@ -639,11 +650,13 @@ class SwinTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H*W, C) -> (B, H*W, C)."""
-        windows = _PermuteTokens.apply(x, self.token_perm, self.token_inv_perm)
-        attn = self.attn(windows, self.attn_mask)
-        attn = _PermuteTokens.apply(attn, self.token_inv_perm, self.token_perm)
-        x = x + self.drop_path(self.norm1(attn))
-        x = x + self.drop_path(self.norm2(self.mlp(x)))
+        if self.identity_order:
+            attn = self.attn(x, self.attn_mask)
+        else:
+            windows = _PermuteTokens.apply(x, self.token_perm, self.token_inv_perm)
+            attn = _PermuteTokens.apply(self.attn(windows, self.attn_mask), self.token_inv_perm, self.token_perm)
+        x = self.drop_path.add_to(x, self.norm1(attn))
+        x = self.drop_path.add_to(x, self.norm2(self.mlp(x)))
         if self.extra_norm is not None:
             x = self.extra_norm(x)
         return x
