@@ -257,20 +257,28 @@ class _CosineQKV(torch.autograd.Function):
     def backward(ctx: Any, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q_out, k_out, q_factor, k_factor, scale = ctx.saved_tensors
         b, windows, heads, n, hd = q_out.shape
+        compiling = torch.compiler.is_compiling()
         grad = q_out.new_empty((b, windows, n, 3, heads, hd))
         slots = grad.permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, nH, N, hd) views into the qkv-shaped gradient
-        grad_scale = None
+        grads, grad_scale = [], None
         for slot, g, y, factor, s in ((0, gq, q_out, q_factor, scale), (1, gk, k_out, k_factor, None)):
             g = g.reshape(y.shape)
             dot = (g * y).sum(dim=-1, keepdim=True, dtype=factor.dtype)  # <g, y>
-            s2 = s * s if s is not None else 1.0
-            torch.mul(g, factor.to(g.dtype), out=slots[slot])
-            slots[slot].addcmul_(y, (dot * factor / s2).to(y.dtype), value=-1.0)
+            coef = (dot * factor / (s * s if s is not None else 1.0)).to(y.dtype)
+            if compiling:
+                # The compiler fuses this itself, and it cannot trace writes into strided out= views.
+                grads.append(g * factor.to(g.dtype) - y * coef)
+            else:
+                torch.mul(g, factor.to(g.dtype), out=slots[slot])
+                slots[slot].addcmul_(y, coef, value=-1.0)
             if s is not None and ctx.needs_input_grad[1]:
                 # d/ds of s * u is u: sum <g, u> = <g, y> / s over everything but the head axis.
                 grad_scale = (dot / s).sum(dim=(0, 1, 3)).view_as(s).to(s.dtype)
-        slots[2].copy_(gv.reshape(slots[2].shape))
-        return grad.view(b, windows * n, 3 * heads * hd), grad_scale, None, None
+        if compiling:
+            grad = torch.stack([*grads, gv.reshape(y.shape)]).permute(1, 2, 4, 0, 3, 5)
+        else:
+            slots[2].copy_(gv.reshape(slots[2].shape))
+        return grad.reshape(b, windows * n, 3 * heads * hd), grad_scale, None, None
 
 
 def relative_coords_table(
