@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run(cfg, launch)
+    except ConfigError as exc:  # what only this machine can tell (e.g. no CUDA for training.device=cuda)
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except (DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -10,6 +10,7 @@ import torch
 
 from swinv2 import parse_checkpointing
 
+from .config import ConfigError
 from .optim import LRSchedule, build_optimizer
 from .simmim import SimMIM, build_simmim, simmim_param_groups
 
@@ -31,9 +32,16 @@ def resolve_device(cfg: PretrainConfig, local_rank: int) -> torch.device:
     want = cfg.training.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want == "cpu" and cfg.training.precision == "fp16":
+            # Validation cannot see this combination (it depends on the machine), so it is caught here, before any
+            # process group or model exists.
+            raise ConfigError(
+                "training.precision=fp16 with training.device=auto: no CUDA device is visible, and fp16 does not "
+                "train on the CPU; accepted there: training.precision=bf16 or fp32"
+            )
     if want == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("training.device=cuda but no CUDA device is visible; use training.device=cpu or auto")
+            raise ConfigError("training.device=cuda but no CUDA device is visible; accepted here: cpu or auto")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -42,6 +42,17 @@ def test_deepspeed_config_from_typed_config() -> None:
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine-dependent refusal on a CPU-only machine")
+def test_device_errors_are_config_errors_before_any_work(capsys: pytest.CaptureFixture[str]) -> None:
+    from pretrain.__main__ import main
+
+    # No launcher variables: the error must come from the device check, ahead of the process group and the model.
+    assert main(["training.precision=fp16", "training.device=auto", "training.output_dir=/nonexistent/x"]) == 2
+    assert "training.precision=fp16 with training.device=auto: no CUDA device" in capsys.readouterr().err
+    assert main(["training.device=cuda", "training.output_dir=/nonexistent/x"]) == 2
+    assert "training.device=cuda but no CUDA device is visible; accepted here: cpu or auto" in capsys.readouterr().err
+
+
 def test_lr_scaling_is_the_official_rule() -> None:
     cfg = load_config("configs/simmim_swinv2_base_192_w12.yaml", [])
     assert lr_scale_factor(cfg, 16) == pytest.approx(2048 / 512)  # 4e-4 peak at 16 x 128 images
