@@ -236,6 +236,9 @@ def test_preemption_saves_requeues_and_resumes(one_node: dict[str, str], images:
             break
         time.sleep(0.3)
     assert info.get("Restarts") == "1", log.read_text()[-3000:]
+    # Not at once: slurmd revokes the old run's job credential with one-second resolution, and a restart within the
+    # same second is refused ("Job credential revoked") and fails the job. SLURM's own BeginTime hold avoids this.
+    time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=one_node, check=True)
     info = _wait_state(one_node, job_id, DONE)
     text = log.read_text()
