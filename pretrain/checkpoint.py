@@ -22,6 +22,7 @@ __all__ = [
     "MARKER",
     "CheckpointError",
     "find_latest_complete",
+    "has_zero_shards",
     "is_complete",
     "list_complete",
     "read_marker",
@@ -75,6 +76,11 @@ def find_latest_complete(ckpt_dir: str | Path) -> Path | None:
     """The newest complete checkpoint (highest step) in ``ckpt_dir``, or None."""
     complete = list_complete(ckpt_dir)
     return complete[-1] if complete else None
+
+
+def has_zero_shards(tag_dir: str | Path) -> bool:
+    """ZeRO (and DeepSpeed's bf16 optimizer) write per-rank ``*_optim_states.pt`` shards; plain stage 0 does not."""
+    return any(Path(tag_dir).glob("*optim_states.pt"))
 
 
 def universal_dir(tag_dir: str | Path) -> Path:

@@ -190,6 +190,7 @@ DEEPSPEED_TYPED_KEYS: dict[str, str] = {
     "gradient_clipping": "optimizer.clip_grad",
     # Only the switches: fp16 loss-scaling settings (initial_scale_power, loss_scale_window...) may be passed through.
     "bf16.enabled": "training.precision",
+    "bfloat16.enabled": "training.precision",  # DeepSpeed's other spelling of bf16
     "fp16.enabled": "training.precision",
     "zero_optimization.stage": "distributed.zero_stage",
     "optimizer": "the optimizer section (AdamW is built by pretrain/optim.py)",

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from pretrain.checkpoint import has_zero_shards, universal_dir
 from pretrain.formats import (
     META_KEY,
     PICKLE_SUFFIXES,
@@ -147,11 +148,6 @@ def read_client_state(tag_dir: Path) -> dict[str, Any]:
     if "ds_config" in obj and "zero_stage" not in state:
         state["zero_stage"] = obj["ds_config"].get("zero_optimization", {}).get("stage")
     return state
-
-
-def _has_zero_shards(tag_dir: Path) -> bool:
-    """ZeRO (and DeepSpeed's bf16 optimizer) write per-rank ``*_optim_states.pt`` shards; plain stage 0 does not."""
-    return any(tag_dir.glob("*optim_states.pt"))
 
 
 def _stage0_state_dict(tag_dir: Path, target: torch.dtype) -> dict[str, torch.Tensor]:
@@ -302,7 +298,7 @@ def name_master_weights(
 
 def _consolidated_state_dict(tag_dir: Path, dtype: str) -> dict[str, torch.Tensor]:
     target = torch.float32 if dtype == "fp32" else torch.bfloat16
-    if not _has_zero_shards(tag_dir):
+    if not has_zero_shards(tag_dir):
         return _stage0_state_dict(tag_dir, target)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -389,12 +385,12 @@ def to_universal(
     from deepspeed.checkpoint import ds_to_universal
 
     tag_dir = resolve_checkpoint(path, tag)
-    if not _has_zero_shards(tag_dir):
+    if not has_zero_shards(tag_dir):
         raise ConversionError(
             f"{tag_dir}: a ZeRO stage 0 checkpoint holds the whole model and optimizer state in one file and resumes "
             f"at any world size as it is; universal conversion applies to ZeRO stages 1-3"
         )
-    output = Path(output) if output is not None else tag_dir.with_name(tag_dir.name + "_universal")
+    output = Path(output) if output is not None else universal_dir(tag_dir)
     _check_output(output, force, weights_file=False)
     with write_atomically(output, force=force, directory=True) as tmp:
         args = SimpleNamespace(

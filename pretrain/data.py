@@ -434,7 +434,10 @@ class _ShardStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, self.start_step])
         buffer: list[dict[str, Any]] = []
         batch: list[tuple[torch.Tensor, torch.Tensor]] = []
-        skipped = produced = 0
+        skipped = produced = undecodable_in_row = 0
+        # Samples that are read but never decode (no image entry, all corrupt) would spin the loop below forever
+        # without a batch; past this many in a row the data cannot be working.
+        undecodable_limit = max(1000, 4 * self.shuffle_buffer)
         lost = _LostSamples()
         samples = self._samples(rng, worker, workers, lost)
         while produced < share:
@@ -452,7 +455,14 @@ class _ShardStream(IterableDataset):
             decoded = self._decode(sample, rng)
             if decoded is None:
                 skipped += 1
+                undecodable_in_row += 1
+                if undecodable_in_row >= undecodable_limit:
+                    raise DataError(
+                        f"{undecodable_in_row} samples in a row could not be decoded (last: "
+                        f"{sample.get('__key__')!r}); check that the shards of data.path hold jpg, png or webp images"
+                    )
                 continue
+            undecodable_in_row = 0
             batch.append(decoded)
             if len(batch) == self.batch_size:
                 yield _collate(batch, skipped + lost.take())

@@ -41,7 +41,6 @@ __all__ = [
     "ModelSpec",
     "backbone_from_simmim",
     "cast_fn",
-    "check_against_model",
     "check_weights",
     "coords_table_matches",
     "detect_layout",
@@ -617,11 +616,6 @@ def official_buffers(model: SwinTransformerV2) -> dict[str, torch.Tensor]:
         if leaf in ("relative_coords_table", "relative_position_index", "attn_mask"):
             out[name] = buf.detach().clone()
     return out
-
-
-def check_against_model(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, what: str) -> None:
-    """Compare keys and shapes with a model's state dict; raise one ConversionError listing every difference."""
-    _compare_shapes(state_dict, {k: tuple(v.shape) for k, v in model.state_dict().items()}, what)
 
 
 def check_weights(state_dict: Mapping[str, torch.Tensor], spec: ModelSpec, what: str, *, simmim: bool = False) -> None:

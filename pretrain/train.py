@@ -24,6 +24,7 @@ from .checkpoint import (
     MARKER,
     CheckpointError,
     find_latest_complete,
+    has_zero_shards,
     is_complete,
     read_marker,
     save_checkpoint,
@@ -120,7 +121,7 @@ def _needs_universal(target: Path, meta: dict[str, Any], world_size: int) -> boo
     """
     if int(meta["world_size"]) == world_size:
         return False
-    return int(meta["zero_stage"]) >= 1 or any(target.glob("*optim_states.pt"))
+    return int(meta["zero_stage"]) >= 1 or has_zero_shards(target)
 
 
 def _plan_resume(
@@ -306,7 +307,9 @@ def _train(
     stop.install()
     dtype = compute_dtype(cfg)
     flops_per_image: float | None = None
-    peak, peak_source = peak_flops(device, dtype)
+    # Only rank 0 logs MFU; measuring the CPU peak on every rank at once would make them share the cores and
+    # understate it.
+    peak, peak_source = peak_flops(device, dtype) if rank == 0 else (float("nan"), "not measured off rank 0")
     metrics.message(
         f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source}); {total_steps} steps, "
         f"{opt_steps_per_epoch} per epoch, global batch {global_batch * accum}"

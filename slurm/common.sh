@@ -130,8 +130,11 @@ slurm_launch() {
     local status waited
     status="$(mktemp "${TMPDIR:-/tmp}/slurm-launch-$SLURM_JOB_ID.XXXXXX" 2>/dev/null ||
         mktemp "/tmp/slurm-launch-$SLURM_JOB_ID.XXXXXX")" || exit 1
+    # The wrapper survives the signals SLURM may send to every process of the job (SIGTERM at a time limit or on
+    # preemption, USR1 from `scancel --signal=USR1` without --batch) so that it can still write the status. A handler,
+    # not an ignored signal, so that the launcher it starts does not inherit "ignore".
     # shellcheck disable=SC2016
-    bash -c '"$@"; echo $? > "$0"' "$status" "$@" &
+    bash -c 'trap : TERM USR1; "$@"; echo $? > "$0"' "$status" "$@" &
     _child=$!
     if [[ -n "$signalled" ]]; then # the signal came while the launcher was being started
         if ! forward_signal "$signalled"; then _pending="$signalled"; fi

@@ -69,5 +69,5 @@ say "command: srun ${EXTRA_SRUN_ARGS:-}${EXTRA_SRUN_ARGS:+ }$PYTHON -m pretrain 
 # would turn the step's exit code into 143. A crashed rank is still detected: its peers' collectives time out
 # (distributed.timeout_minutes) and they exit with an error.
 read -r -a extra <<< "${EXTRA_SRUN_ARGS:-}"
-slurm_launch srun "${extra[@]}" "$PYTHON" -m pretrain "${args[@]}"
+slurm_launch srun ${extra[@]+"${extra[@]}"} "$PYTHON" -m pretrain "${args[@]}"
 slurm_finish "$rc"

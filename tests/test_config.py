@@ -151,6 +151,7 @@ def test_milestones_only_bind_the_multistep_schedule() -> None:
         ),
         ("distributed.deepspeed.gradient_clipping=1.0", "gradient_clipping=1.0", "optimizer.clip_grad"),
         ("distributed.deepspeed.bf16.enabled=false", "bf16.enabled=False", "training.precision"),
+        ("distributed.deepspeed.bfloat16.enabled=true", "bfloat16.enabled=True", "training.precision"),
         ("distributed.deepspeed.fp16.enabled=true", "fp16.enabled=True", "training.precision"),
         ("distributed.deepspeed={fp16: true}", "fp16=True", "training.precision"),
         ("distributed.deepspeed.zero_optimization.stage=3", "zero_optimization.stage=3", "distributed.zero_stage"),

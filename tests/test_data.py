@@ -403,6 +403,22 @@ def test_shards_that_yield_nothing_stop_with_a_data_error(tmp_path: Path) -> Non
         collect(cfg, rank=0, world_size=1)
 
 
+@pytest.mark.filterwarnings("ignore:skipping sample")
+def test_samples_that_never_decode_stop_with_a_data_error(tmp_path: Path) -> None:
+    """A readable shard whose samples hold no decodable image: an error, not a loader that spins without a batch."""
+    shard = tmp_path / "text-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i in range(5):
+            sink.write(
+                {"__key__": f"s{i}", "txt": b"no image here", "jpg": b"not a jpeg"}
+                if i % 2
+                else {"__key__": f"s{i}", "txt": b"no image here"}
+            )
+    cfg = one_shard_cfg(shard, "data.samples_per_epoch=4", "data.resampled=true")
+    with pytest.raises(DataError, match=r"samples in a row could not be decoded .*jpg, png or webp"):
+        collect(cfg, rank=0, world_size=1)
+
+
 # ------------------------------------------------------------------------------------------- resampled workers
 @pytest.mark.slow
 def test_resampled_two_workers_equal_lengths_distinct_streams(shard_dir: Path) -> None:
