@@ -91,7 +91,8 @@ def universal_dir(tag_dir: str | Path) -> Path:
 
 
 def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank saves its part; rank 0 then writes the marker and prunes to the newest ``keep_last``.
+    """Collective: every rank saves its part; rank 0 then writes the marker and prunes to the newest ``keep_last``
+    at or below ``step`` (complete checkpoints of later steps, left by a run resumed from an older one, are kept).
 
     The tag folder may already exist (a run resumed from an older checkpoint reaches a step it had saved before):
     rank 0 removes its marker, then the folder and the universal copy converted from it, before any rank writes. A
@@ -118,7 +119,11 @@ def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: 
         tmp = tag_dir / (MARKER + ".partial")
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, tag_dir / MARKER)
-        for old in list_complete(ckpt_dir)[:-keep_last]:
+        complete = list_complete(ckpt_dir)
+        # Only checkpoints up to this step are pruned: after an explicit resume from an older checkpoint, newer ones
+        # of the abandoned run would otherwise count as "the newest" and this run's own fresh save would be deleted.
+        upto = complete[: complete.index(tag_dir) + 1]
+        for old in upto[:-keep_last]:
             # The marker goes first: a prune cut short leaves an incomplete folder, never a damaged complete one.
             (old / MARKER).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)

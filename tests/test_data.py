@@ -403,7 +403,7 @@ def test_shards_that_yield_nothing_stop_with_a_data_error(tmp_path: Path) -> Non
         collect(cfg, rank=0, world_size=1)
 
 
-@pytest.mark.filterwarnings("ignore:skipping sample")
+@pytest.mark.filterwarnings("ignore:skipping sample", "ignore:skipping corrupt image")
 def test_samples_that_never_decode_stop_with_a_data_error(tmp_path: Path) -> None:
     """A readable shard whose samples hold no decodable image: an error, not a loader that spins without a batch."""
     shard = tmp_path / "text-000000.tar"

@@ -135,6 +135,15 @@ def check_overwrite_removes_stale_marker(work: Path, overrides: list[str]) -> No
     assert [p.name for p in list_complete(ckpt_dir)] == ["step-2", "step-3"]
     assert not (ckpt_dir / "step-1").exists() and not universal_dir(ckpt_dir / "step-1").exists()
 
+    # After an explicit resume from an older checkpoint, later checkpoints of the abandoned run neither push this
+    # run's fresh save out of the newest 2 nor get deleted by it.
+    if rank == 0:
+        _fake_checkpoint(ckpt_dir / "step-100", 100)
+        _fake_checkpoint(ckpt_dir / "step-200", 200)
+    dist.barrier()
+    save_checkpoint(engine, ckpt_dir, 4, {"step": 4}, keep_last=2)
+    assert [p.name for p in list_complete(ckpt_dir)] == ["step-3", "step-4", "step-100", "step-200"]
+
 
 def main() -> None:
     from pretrain.distributed import init_process_group, resolve_launch_env
