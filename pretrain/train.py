@@ -233,6 +233,9 @@ def run(cfg: PretrainConfig, launch: LaunchEnv) -> int:
     finally:
         metrics.close()
     dist.barrier()
+    # Tear the process group down here rather than in interpreter shutdown, where destroying the backend's threads in
+    # arbitrary order was seen to abort a finished rank ("terminate called without an active exception").
+    dist.destroy_process_group()
     return exit_code
 
 
