@@ -132,8 +132,10 @@ def check_overwrite_removes_stale_marker(work: Path, overrides: list[str]) -> No
         if step == 1 and rank == 0:
             universal_dir(ckpt_dir / "step-1").mkdir()
         dist.barrier()
-    assert [p.name for p in list_complete(ckpt_dir)] == ["step-2", "step-3"]
+    kept = [p.name for p in list_complete(ckpt_dir)]
+    assert kept == ["step-2", "step-3"], (rank, kept)
     assert not (ckpt_dir / "step-1").exists() and not universal_dir(ckpt_dir / "step-1").exists()
+    dist.barrier()  # every rank has listed the folder before rank 0 adds to it
 
     # After an explicit resume from an older checkpoint, later checkpoints of the abandoned run neither push this
     # run's fresh save out of the newest 2 nor get deleted by it.
@@ -142,7 +144,8 @@ def check_overwrite_removes_stale_marker(work: Path, overrides: list[str]) -> No
         _fake_checkpoint(ckpt_dir / "step-200", 200)
     dist.barrier()
     save_checkpoint(engine, ckpt_dir, 4, {"step": 4}, keep_last=2)
-    assert [p.name for p in list_complete(ckpt_dir)] == ["step-3", "step-4", "step-100", "step-200"]
+    kept = [p.name for p in list_complete(ckpt_dir)]
+    assert kept == ["step-3", "step-4", "step-100", "step-200"], (rank, kept)
 
 
 def main() -> None:
