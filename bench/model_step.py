@@ -4,8 +4,9 @@ Usage: python bench/model_step.py [--batch 8] [--mem-batch 16] [--steps 3] [--re
         [--attn-impl auto] [--compile] [--skip-memory] [--skip-throughput]
 
 Throughput: SwinV2-T at 192/w12 (the SimMIM pretraining geometry), batch 8, one step = forward, cross-entropy on
-random labels, backward, AdamW step. ``--compile`` adds a row for our model under torch.compile (default inductor
-mode; compile time is excluded and printed separately) against the same eager timm figure. Both models get the same
+random labels, backward, AdamW step. ``--compile`` adds a row for our model with its blocks compiled as the trainer's
+``model.compile=true`` does (swinv2.compile_blocks, default inductor mode; compile time is excluded and printed
+separately) against the same eager timm figure. Both models get the same
 weights (official <-> timm key mapping) and run interleaved, ours then timm, in each of ``--repeats`` rounds; the best
 round of each is reported (the CPU is shared with other jobs, the best round is the least disturbed one).
 Precision: fp32, and bf16 autocast on the device.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swinv2 import create_model, official_to_timm
+from swinv2 import compile_blocks, create_model, official_to_timm
 
 TINY = {"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24)}
 
@@ -75,7 +76,8 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
         steps["timm"] = _step_fn(ref, args.batch, args.img, device, dtype)
         if args.compile:
             compiled, _ = _build_pair(args.img, args.window, device, args.attn_impl)
-            steps["ours-compiled"] = _step_fn(torch.compile(compiled), args.batch, args.img, device, dtype)
+            compile_blocks(compiled)
+            steps["ours-compiled"] = _step_fn(compiled, args.batch, args.img, device, dtype)
         best = {name: float("inf") for name in steps}
         for name, fn in steps.items():  # warm-up (allocator, AdamW state, oneDNN primitive caches, compilation)
             start = time.perf_counter()

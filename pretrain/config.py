@@ -51,6 +51,10 @@ class ModelConfig:
     # "all", "every:K" (every K-th block counted over the whole network) or "stages:I,J" (all blocks of stages I, J;
     # indices below the number of stages). One form at a time: every-K restricted to some stages has no spelling here.
     activation_checkpointing: str = "none"
+    # torch.compile each Swin block (regional compilation: one graph per block kind, checkpoint keys unchanged).
+    # Costs a compile at start-up (about a minute per block kind on a small CPU); not with ZeRO-3, whose per-module
+    # parameter gathering would be traced into the compiled blocks.
+    compile: bool = False
 
 
 @dataclass
@@ -485,6 +489,12 @@ def validate(cfg: PretrainConfig) -> None:
     _require(
         not (dist.offload_optimizer and dist.zero_stage == 0),
         "distributed.offload_optimizer=true needs distributed.zero_stage 1, 2 or 3",
+    )
+    _require(
+        not (cfg.model.compile and dist.zero_stage == 3),
+        "model.compile=true with distributed.zero_stage=3 is not supported (ZeRO-3 gathers parameters in hooks on "
+        "every module, which would be traced into the compiled blocks); accepted: zero_stage 0, 1 or 2 with "
+        "model.compile=true, or model.compile=false",
     )
     _require(
         not (t.precision == "fp16" and t.device == "cpu"),

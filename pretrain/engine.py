@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from swinv2 import parse_checkpointing
+from swinv2 import compile_blocks, parse_checkpointing
 
 from .config import ConfigError
 from .optim import LRSchedule, build_optimizer
@@ -111,6 +111,8 @@ def build_model(cfg: PretrainConfig, ds_config: dict[str, Any]) -> SimMIM:
     with context:
         model = build_simmim(cfg)
     model.encoder.set_grad_checkpointing(**parse_checkpointing(cfg.model.activation_checkpointing))
+    if cfg.model.compile:
+        compile_blocks(model.encoder)
     return model
 
 

@@ -202,6 +202,16 @@ def _epoch_samples(client: dict[str, Any]) -> int:
     return int(client["data_position"]) * batch * int(client["world_size"])
 
 
+def _compile_report() -> str:
+    """After the first step of a run with model.compile: what dynamo compiled (a graph break or a block left eager
+    would show here, not only as a slower run)."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    breaks = sum(counters["graph_break"].values())
+    return f"model.compile: {graphs} compiled graphs after the first step, {breaks} graph breaks"
+
+
 def run(cfg: PretrainConfig, launch: LaunchEnv) -> int:
     """Train according to ``cfg`` in this process (one rank of ``launch``); returns the exit code."""
     rank, world = launch.rank, launch.world_size
@@ -337,6 +347,7 @@ def _train(
         }
 
     nonfinite_in_row = 0
+    compile_reported = not cfg.model.compile
     grad_norm: float | None = None
     window_loss = window_count = 0.0
     window_start = time.perf_counter()
@@ -400,6 +411,9 @@ def _train(
             micro = 0
             step += 1
             images_seen += global_batch * accum
+            if not compile_reported:
+                metrics.message(_compile_report())
+                compile_reported = True
             if step % cfg.logging.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 throughput = window_images / elapsed

@@ -172,7 +172,10 @@ class DropPath(nn.Module):
             return None
         keep_prob = 1.0 - self.drop_prob
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        return x.new_empty(shape).bernoulli_(keep_prob).div_(keep_prob)
+        # A comparison with uniform draws rather than bernoulli_(keep_prob): under torch.compile the rate stays a
+        # graph input, so blocks that differ only in their drop rate share one compiled graph.
+        kept = torch.rand(shape, device=x.device) < keep_prob
+        return kept.to(x.dtype) / keep_prob
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = self._keep(x)

@@ -125,6 +125,9 @@ def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match=r"fp16 is not supported on training\.device=cpu"):
         load_config(BASE, ["training.precision=fp16", "training.device=cpu"])
+    with pytest.raises(ConfigError, match=r"model\.compile=true with distributed\.zero_stage=3.*zero_stage 0, 1 or 2"):
+        load_config(BASE, ["model.compile=true", "distributed.zero_stage=3"])
+    assert load_config(BASE, ["model.compile=true", "distributed.zero_stage=2"]).model.compile is True
 
 
 def test_milestones_only_bind_the_multistep_schedule() -> None:

@@ -331,6 +331,41 @@ def test_activation_checkpointing_same_results_and_selection():
     assert not any(selected(ckpt))
 
 
+def test_compile_blocks_one_graph_per_block_kind_and_equal_to_eager():
+    """Regional compilation: blocks that differ only in their drop-path rate share a graph (6 graphs for 8 blocks
+    here), no graph breaks, state-dict keys unchanged, and forward and gradients equal eager ones (inductor told to
+    draw its random numbers with eager's generator, so stochastic depth drops the same samples)."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    # Stages at 16, 8, 4, 2 tokens with window 4: unshifted and shifted blocks in stages 0 and 1, then one kind per
+    # stage (window clamped, no shift) whose two blocks have different drop rates.
+    eager = _small(drop_path_rate=0.2)
+    _randomize(eager)
+    compiled = _small(drop_path_rate=0.2)
+    compiled.load_state_dict(eager.state_dict())
+    assert swinv2.compile_blocks(compiled) == 8
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (eager, compiled):
+        torch.manual_seed(7)
+        with inductor_config.patch(fallback_random=True):
+            out = model(x)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    assert counters["stats"]["unique_graphs"] == 6
+    assert sum(counters["graph_break"].values()) == 0
+    (out_e, grads_e), (out_c, grads_c) = results
+    assert torch.allclose(out_c, out_e, atol=1e-5, rtol=1e-4)
+    for name, grad in grads_e.items():
+        assert torch.allclose(grads_c[name], grad, atol=1e-5, rtol=1e-3), name
+    with pytest.raises(ValueError, match="contains no SwinTransformerBlock"):
+        swinv2.compile_blocks(torch.nn.Linear(2, 2))
+
+
 def test_parse_checkpointing_rejects_bad_specs():
     assert parse_checkpointing("every:2") == {"enable": True, "every": 2}
     assert parse_checkpointing("every:2+stages:2,3") == {"enable": True, "every": 2, "stages": [2, 3]}
