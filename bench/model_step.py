@@ -6,9 +6,9 @@ Usage: python bench/model_step.py [--batch 8] [--mem-batch 16] [--steps 3] [--re
 Throughput: SwinV2-T at 192/w12 (the SimMIM pretraining geometry), batch 8, one step = forward, cross-entropy on
 random labels, backward, AdamW step. ``--compile`` adds a row for our model with its blocks compiled as the trainer's
 ``model.compile=true`` does (swinv2.compile_blocks, default inductor mode; compile time is excluded and printed
-separately) against the same eager timm figure. Both models get the same
-weights (official <-> timm key mapping) and run interleaved, ours then timm, in each of ``--repeats`` rounds; the best
-round of each is reported (the CPU is shared with other jobs, the best round is the least disturbed one).
+separately) against the same eager timm figure. Both models get the same weights (official <-> timm key mapping)
+and run interleaved, ours then timm, in each of ``--repeats`` rounds; the best round of each is reported (the CPU is
+shared with other jobs, the best round is the least disturbed one).
 Precision: fp32, and bf16 autocast on the device.
 
 Memory: each configuration runs in a fresh subprocess. On CUDA the figure is torch.cuda.max_memory_allocated during

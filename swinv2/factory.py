@@ -82,10 +82,10 @@ def parse_checkpointing(spec: str) -> dict[str, Any]:
 def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
     """Compile every ``SwinTransformerBlock`` inside ``model`` in place (regional compilation).
 
-    Blocks are where the time goes, and blocks of one stage share a graph: compile time grows with the number of
-    distinct block kinds (stage, shifted or not), not with depth, so SwinV2-G's 50 blocks compile about as fast as
-    SwinV2-T's 12. Module structure and state-dict keys are unchanged (``nn.Module.compile``, no ``_orig_mod``
-    prefix), so checkpoints load either way; everything outside the blocks stays eager.
+    Blocks are where the time goes, and blocks of one kind (stage, shifted or not) share a graph: compile time grows
+    with the number of block kinds, not with depth. Module structure and state-dict keys are unchanged
+    (``nn.Module.compile``, no ``_orig_mod`` prefix), so checkpoints load either way; everything outside the blocks
+    stays eager.
 
     Dynamo compiles one graph per block kind and per mode (train / eval, autocast or not) for the single code
     object all blocks share; its recompile limit (default 8) is raised to cover every kind, so no block falls
