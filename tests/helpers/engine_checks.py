@@ -125,6 +125,7 @@ def check_overwrite_removes_stale_marker(work: Path, overrides: list[str]) -> No
     assert not stale_shard.exists(), "a shard of the old save is mixed with the new ones"
     assert any(tag_dir.glob("*model_states.pt")), "the new save did not write"
     assert find_latest_complete(ckpt_dir) is None
+    dist.barrier()  # every rank has looked at the cut-short folder before the next save removes it
 
     # Complete saves again, with pruning to the newest 2 (the oldest's universal copy goes with it).
     for step in (1, 2, 3):
