@@ -284,6 +284,38 @@ class _CosineQKV(torch.autograd.Function):
         return grad.reshape(b, windows * n, 3 * heads * hd), grad_scale, None, None
 
 
+def _diagonal_sum_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(n * n, 2n - 1) 0/1 matrix: x.view(-1, n * n) @ it sums x[..., i, j] over each diagonal i - j = k - (n - 1)."""
+    ids = torch.arange(n, device=device)
+    return F.one_hot((ids[:, None] - ids[None, :] + n - 1).view(-1), 2 * n - 1).to(dtype)
+
+
+class _RelativeBiasGather(torch.autograd.Function):
+    """table ((2Wh-1)(2Ww-1), nH) -> bias (nH, N, N), bias[h, i, j] = table[relative_position_index[i, j], h].
+
+    The gradient of a gather is a scatter-add of N^2 values into (2Wh-1)(2Ww-1) slots: with many values per slot it
+    runs as atomic adds in compiled code (under torch.compile it took most of a stage-3 block's non-GEMM backward
+    time). Token pairs share a slot exactly when they share the offset (yi - yj, xi - xj), so the same sums are
+    diagonal sums of the (Wh, Ww, Wh, Ww) gradient, taken one axis at a time as small matmuls with 0/1 matrices.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, table: torch.Tensor, index: torch.Tensor, window_size: tuple[int, int]) -> torch.Tensor:
+        n = window_size[0] * window_size[1]
+        ctx.window_size = window_size
+        return table.t().index_select(1, index.view(-1).long()).view(table.shape[1], n, n)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        wh, ww = ctx.window_size
+        heads = grad.shape[0]
+        per_pair = grad.reshape(heads, wh, ww, wh, ww).permute(0, 2, 4, 1, 3)  # (nH, xi, xj, yi, yj)
+        rows = per_pair.reshape(-1, wh * wh) @ _diagonal_sum_matrix(wh, grad.dtype, grad.device)
+        rows = rows.view(heads, ww, ww, 2 * wh - 1).permute(0, 3, 1, 2)  # (nH, 2Wh-1, xi, xj): summed over yi - yj
+        offsets = rows.reshape(-1, ww * ww) @ _diagonal_sum_matrix(ww, grad.dtype, grad.device)  # and over xi - xj
+        return offsets.view(heads, -1).t(), None, None
+
+
 def relative_coords_table(
     window_size: tuple[int, int], pretrained_window_size: tuple[int, int], device: torch.device | str | None = None
 ) -> torch.Tensor:
@@ -456,10 +488,10 @@ class WindowAttention(nn.Module):
         weight = params[0]
         # The table may have been cast to a half dtype with the module; compute in the weight's dtype.
         table = self.relative_coords_table.to(weight.dtype)
-        bias_table = self.cpb_mlp(table).view(-1, self.num_heads)
-        n = self.window_size[0] * self.window_size[1]
-        bias = bias_table.index_select(0, self.relative_position_index.view(-1).long()).view(n, n, self.num_heads)
-        bias = 16 * torch.sigmoid(bias.permute(2, 0, 1).float())
+        # 16 * sigmoid on the (2Wh-1)(2Ww-1) table entries, then the gather: the same values as the official gather
+        # then sigmoid (both elementwise), with the sigmoid and its backward on the small table.
+        bias_table = 16 * torch.sigmoid(self.cpb_mlp(table).view(-1, self.num_heads).float())
+        bias = _RelativeBiasGather.apply(bias_table, self.relative_position_index, self.window_size)
         if cacheable:
             self._bias_cache = (key, bias)
         else:

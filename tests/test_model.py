@@ -248,6 +248,28 @@ def test_cosine_qkv_gradients():
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("window", [(1, 1), (2, 3), (4, 4), (12, 12)])
+def test_relative_bias_gather_equals_index_select_with_gradients(window):
+    """The position-bias gather and its diagonal-sum backward: gradcheck on small windows, and equal to index_select
+    with autograd's scatter-add backward (float64) up to the official 12x12 window."""
+    from swinv2.swin_transformer_v2 import _RelativeBiasGather, relative_position_index
+
+    gen = torch.Generator().manual_seed(0)
+    heads, n = 3, window[0] * window[1]
+    index = relative_position_index(window)
+    table = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), heads, dtype=torch.float64, generator=gen)
+    table.requires_grad_()
+    if n <= 16:
+        assert torch.autograd.gradcheck(lambda t: _RelativeBiasGather.apply(t, index, window), (table,))
+    reference = table.index_select(0, index.view(-1)).view(n, n, heads).permute(2, 0, 1)
+    gathered = _RelativeBiasGather.apply(table, index, window)
+    assert torch.equal(gathered, reference)
+    weight = torch.randn(heads, n, n, dtype=torch.float64, generator=gen)
+    (ours,) = torch.autograd.grad((gathered * weight).sum(), table)
+    (expected,) = torch.autograd.grad((reference * weight).sum(), table)
+    assert torch.allclose(ours, expected, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("impl", ["explicit", "sdpa"])
 def test_window_chunked_attention_gives_same_results(impl):
     full = _small(attn_impl=impl, drop_path_rate=0.0)
