@@ -27,6 +27,7 @@ __all__ = [
     "list_complete",
     "read_marker",
     "save_checkpoint",
+    "set_aside_later",
     "tag_for",
     "universal_dir",
 ]
@@ -76,6 +77,34 @@ def find_latest_complete(ckpt_dir: str | Path) -> Path | None:
     """The newest complete checkpoint (highest step) in ``ckpt_dir``, or None."""
     complete = list_complete(ckpt_dir)
     return complete[-1] if complete else None
+
+
+def set_aside_later(ckpt_dir: str | Path, step: int) -> tuple[Path | None, list[str]]:
+    """Move the complete checkpoints of steps after ``step`` (and their universal copies) out of ``ckpt_dir`` into
+    ``ckpt_dir/abandoned/resumed-at-step-<step>-<time>/``; returns that folder and the moved names ((None, []) when
+    there were none).
+
+    Called when a run resumes explicitly from an older checkpoint: the later ones belong to the run that went on
+    from there. Left in place, auto-resume (after a preemption or a crash) would pick them over this run's own
+    checkpoints. Moved, not deleted: nothing is lost, and they stay loadable by path. Renames within one filesystem,
+    the universal copy before its checkpoint, so an interruption leaves every checkpoint whole.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    later = [tag_dir for tag_dir in list_complete(ckpt_dir) if int(_TAG.match(tag_dir.name).group(1)) > step]
+    if not later:
+        return None, []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = ckpt_dir / "abandoned" / f"resumed-at-step-{step}-{stamp}"
+    suffix = 1
+    while dest.exists():  # two resumes within one second
+        suffix += 1
+        dest = ckpt_dir / "abandoned" / f"resumed-at-step-{step}-{stamp}-{suffix}"
+    dest.mkdir(parents=True)
+    for tag_dir in later:
+        if universal_dir(tag_dir).exists():
+            os.replace(universal_dir(tag_dir), dest / universal_dir(tag_dir).name)
+        os.replace(tag_dir, dest / tag_dir.name)
+    return dest, [tag_dir.name for tag_dir in later]
 
 
 def has_zero_shards(tag_dir: str | Path) -> bool:

@@ -521,7 +521,7 @@ def _settle_spec(
     Args:
         spec: what the input records (modified in place).
         img_size, window_size: new sizes (None: keep).
-        pretrained: the --pretrained-window-sizes flag (None: keep, carrying it across a window change).
+        pretrained: the --pretrained-window-sizes flag (None: keep); either is carried across a window change.
         buffers: the unprefixed backbone state dict before derived buffers are dropped.
         origin: what recorded ``spec.pretrained_window_sizes`` ("its metadata", "config.json"), "" for nothing.
         where: the input, for messages.
@@ -535,10 +535,11 @@ def _settle_spec(
                 f"note: {where}: {origin} records pretrained_window_sizes {spec.pretrained_window_sizes}; "
                 f"--pretrained-window-sizes {flag} replaces it"
             )
-    _apply_sizes(spec, img_size, window_size, carry=flag is None)
-    if flag is not None:
+        # The flag describes the weights as they are (the tables checked it against their windows), so a window
+        # change carries it like a recorded value: a 0 becomes the stage's old window.
         spec.pretrained_window_sizes = flag
-    elif not origin and not _has_tables(buffers):
+    _apply_sizes(spec, img_size, window_size)
+    if flag is None and not origin and not _has_tables(buffers):
         _log(
             f"note: {where} does not record pretrained_window_sizes; recording {spec.pretrained_window_sizes}. Pass "
             f"--pretrained-window-sizes if the weights were fine-tuned from another window (e.g. 12 12 12 6 for "

@@ -5,11 +5,11 @@
 Every image under SRC_DIR (recursive) is checked by decoding it; JPEG, PNG and WebP files are stored byte for byte,
 other formats (BMP, TIFF, GIF...) are converted to PNG. A file that cannot be decoded is reported and left out, never
 fatal. Each sample holds the image, ``cls`` (index of its top-level subfolder in sorted order, when images sit in
-class subfolders) and ``json`` (its relative path). Shards are written under a temporary name and renamed when
-complete; ``sizes.json`` (shard file name -> sample count) is written last. An OUT_DIR that already holds files is
-refused unless ``--force`` is given; with it, the old shards, index and the ``*.partial`` leftovers of an interrupted
-run are removed, once the first readable image is in hand. A source without a single readable image is an error that
-leaves OUT_DIR untouched (not created, old shards kept); an interrupted run leaves no ``*.partial`` file behind.
+class subfolders) and ``json`` (its relative path). The new shards and their ``sizes.json`` (shard file name ->
+sample count) are written into ``OUT_DIR/.partial/`` and moved into OUT_DIR only once all are complete, the index
+last. An OUT_DIR that already holds files is refused unless ``--force`` is given; with it, the old shards and index
+are replaced at that final move, so an interrupted or failed run leaves the old set as it was. A source without a
+single readable image is an error that writes nothing; an interrupted run leaves nothing of its own behind.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .data import IMAGE_EXTENSIONS, SIZE_INDEX, list_images
 
 __all__ = ["ShardError", "ShardReport", "main", "write_shards"]
 
+STAGING = ".partial"  # OUT_DIR's subfolder where a new shard set is written before it replaces the old one
 _STORED_AS_IS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
 
@@ -53,15 +55,24 @@ def _check_out_dir(out: Path, force: bool) -> None:
         raise FileExistsError(f"output folder {str(out)!r} is not empty; pass --force to replace its shards")
 
 
-def _clear_old_output(out: Path) -> None:
-    """--force: remove the previous shards, their index and the ``*.partial`` files of an interrupted run.
+def _install(stage: Path, out: Path, shard_names: list[str]) -> None:
+    """Move the complete staged shard set into ``out``, replacing a previous one.
 
-    The index goes first: a crash between the deletions then leaves shards without an index, which the loader refuses,
-    rather than an index listing shards that are gone.
+    The old index goes first and the new one comes last: a crash during the moves leaves shards without an index,
+    which the loader refuses, never an index that lists shards of another set. ``*.partial`` files are leftovers of
+    interrupted runs of earlier versions of this tool.
     """
-    leftovers = [*out.glob("shard-*.tar.partial"), out / (SIZE_INDEX + ".partial")]
-    for old in [out / SIZE_INDEX, *out.glob("shard-*.tar"), *leftovers]:
+    for old in [
+        out / SIZE_INDEX,
+        *out.glob("shard-*.tar"),
+        *out.glob("shard-*.tar.partial"),
+        out / (SIZE_INDEX + ".partial"),
+    ]:
         old.unlink(missing_ok=True)
+    for name in shard_names:
+        os.replace(stage / name, out / name)
+    os.replace(stage / SIZE_INDEX, out / SIZE_INDEX)
+    stage.rmdir()
 
 
 def _encode(path: Path) -> tuple[str, bytes]:
@@ -86,8 +97,8 @@ def write_shards(
         src_dir: folder searched recursively for images.
         out_dir: destination folder (created); must be empty unless ``force``.
         maxcount: samples per shard.
-        force: allow writing into a non-empty ``out_dir`` (its old shards, index and ``*.partial`` leftovers are
-            removed once the first readable image is found; other files stay).
+        force: allow writing into a non-empty ``out_dir``: its old shards and index are replaced once the new set is
+            complete; other files stay.
         progress: show a progress bar.
 
     Raises:
@@ -103,18 +114,18 @@ def write_shards(
     classes = sorted({p.relative_to(src).parts[0] for p in files if len(p.relative_to(src).parts) > 1})
     class_index = {name: i for i, name in enumerate(classes)}
     report = ShardReport(shards={}, written=0, unreadable=[])
+    stage = out / STAGING
+    created_out = not out.exists()
     writer: wds.TarWriter | None = None
     stream = None
     shard_name = ""
 
     def close_shard() -> None:
         nonlocal writer, stream
-        if writer is None:
-            return
-        writer.close()
-        stream.close()
-        os.replace(out / (shard_name + ".partial"), out / shard_name)
-        writer = stream = None
+        if writer is not None:
+            writer.close()
+            stream.close()
+            writer = stream = None
 
     try:
         for path in tqdm(files, desc="packing", unit="img", disable=not progress):
@@ -125,15 +136,14 @@ def write_shards(
                 tqdm.write(f"unreadable, skipped: {path} ({exc})", file=sys.stderr)
                 continue
             if writer is None and not report["shards"]:
-                # First readable image: only now is OUT_DIR created or cleared, so a source with nothing readable
-                # leaves it as it was.
-                out.mkdir(parents=True, exist_ok=True)
-                if force:
-                    _clear_old_output(out)
+                # First readable image: only now is anything created, so a source with nothing readable leaves
+                # OUT_DIR as it was. A staging folder left by a killed run is replaced.
+                shutil.rmtree(stage, ignore_errors=True)
+                stage.mkdir(parents=True)
             if writer is None or report["shards"][shard_name] >= maxcount:
                 close_shard()
                 shard_name = f"shard-{len(report['shards']):06d}.tar"
-                stream = open(out / (shard_name + ".partial"), "wb")  # noqa: SIM115 - closed in close_shard
+                stream = open(stage / shard_name, "wb")  # noqa: SIM115 - closed in close_shard
                 writer = wds.TarWriter(stream)
                 report["shards"][shard_name] = 0
             relative = path.relative_to(src)
@@ -144,25 +154,27 @@ def write_shards(
             report["shards"][shard_name] += 1
             report["written"] += 1
         close_shard()
+        if report["written"]:
+            (stage / SIZE_INDEX).write_text(json.dumps(report["shards"], indent=1, sort_keys=True))
+            _install(stage, out, list(report["shards"]))
     except BaseException:
-        # Interrupted (Ctrl-C, disk full...): the shard being written is incomplete; completed shards stay, without
-        # an index, so the loader refuses them until the folder is rewritten.
+        # Interrupted (Ctrl-C, disk full...): nothing of this run stays; a previous shard set is untouched.
         if writer is not None:
             # Flush tarfile's buffer into the file now: left to garbage collection it would write to a closed file.
             with contextlib.suppress(Exception):
                 writer.close()
         if stream is not None:
             stream.close()
-            (out / (shard_name + ".partial")).unlink(missing_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        if created_out:
+            with contextlib.suppress(OSError):
+                out.rmdir()
         raise
     if not report["written"]:
         raise ShardError(
             f"none of the {len(files)} image files under {str(src)!r} could be read (e.g. {report['unreadable'][0]}); "
             f"nothing was written"
         )
-    index_tmp = out / (SIZE_INDEX + ".partial")
-    index_tmp.write_text(json.dumps(report["shards"], indent=1, sort_keys=True))
-    os.replace(index_tmp, out / SIZE_INDEX)
     return report
 
 

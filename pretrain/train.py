@@ -28,6 +28,7 @@ from .checkpoint import (
     is_complete,
     read_marker,
     save_checkpoint,
+    set_aside_later,
     universal_dir,
 )
 from .config import PretrainConfig, to_dict, to_yaml
@@ -131,6 +132,14 @@ def _plan_resume(
     target = _choose_checkpoint(cfg, ckpt_dir)
     if target is None:
         return None, False
+    if cfg.checkpoint.resume != "auto":
+        dest, moved = set_aside_later(ckpt_dir, int(read_marker(target)["step"]))
+        if dest is not None:
+            say(
+                f"checkpoint.resume={cfg.checkpoint.resume}: moved the later complete checkpoints {', '.join(moved)} "
+                f"(of the run that went on from there) to {dest}, so that auto-resume after a preemption or crash "
+                f"continues this run, not that one"
+            )
     if (target / "UNIVERSAL").is_file():  # checkpoint.resume pointed at a universal copy
         return target, True
     meta = read_marker(target)

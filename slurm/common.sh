@@ -32,11 +32,16 @@ slurm_gpus_per_node() {
 # Sets the array `args` to the trainer's arguments: CONFIG=FILE (environment) becomes `--config FILE` in front of the
 # script's arguments. Requires a config (`--config FILE` or `--config=FILE`) and checks the whole configuration once,
 # here in the batch shell (`python -m pretrain --print-config`), so that a bad one fails within seconds, before any
-# rank starts, with the error in the job output.
+# rank starts, with the error in the job output. A requeued run gets `checkpoint.resume=auto` last (the last value of
+# a key wins): it continues from its own newest checkpoint, whatever checkpoint.resume said for the first start.
 slurm_trainer_args() {
     args=("$@")
     if [[ -n "${CONFIG:-}" ]]; then
         args=(--config "$CONFIG" "${args[@]}")
+    fi
+    if ((restarts > 0)); then
+        args+=(checkpoint.resume=auto)
+        say "requeued run: checkpoint.resume=auto added, so the run continues from its newest complete checkpoint"
     fi
     local a found=""
     for a in "${args[@]}"; do

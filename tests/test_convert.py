@@ -582,6 +582,15 @@ def test_pretrained_windows_flag_without_buffers(backbone_file, tmp_path, capsys
     with torch.no_grad():
         assert (hf(pixel_values=x).pooler_output - ours.forward_features(x)).abs().max().item() <= TOL
 
+    # An official file (tables built at w12 with 0 = own window) exported at w16 with the flag 0, which the tables
+    # confirm for the old windows: the flag is carried across the window change like a recorded value.
+    official = tmp_path / "official.pth"
+    assert convert.main(["export", "--to", "official", str(path), "-o", str(official)]) == 0
+    big0 = tmp_path / "hf256-flag0"
+    argv = ["export", "--to", "hf", str(official), "-o", str(big0), "--img-size", "256", "--window-size", "16"]
+    assert convert.main([*argv, "--pretrained-window-sizes", "0"]) == 0
+    assert json.loads((big0 / "config.json").read_text())["pretrained_window_sizes"] == [12, 12, 12, 6]
+
 
 def test_backbone_pretrained_windows_flag(simmim_file, tmp_path, capsys):
     path, _ = simmim_file

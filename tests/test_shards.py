@@ -170,13 +170,17 @@ def test_force_removes_partial_files_of_a_crashed_run(tmp_path: Path) -> None:
     out.mkdir()
     (out / "shard-000007.tar.partial").write_bytes(b"half a shard")
     (out / "sizes.json.partial").write_text("{")
+    (out / ".partial").mkdir()  # the staging folder of a run killed with SIGKILL
+    (out / ".partial" / "shard-000000.tar").write_bytes(b"half a shard")
     with pytest.raises(FileExistsError):  # leftovers alone make the folder non-empty
         write_shards(src, out, progress=False)
     report = write_shards(src, out, maxcount=4, force=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [*sorted(report["shards"]), "sizes.json"]
 
 
-def test_interrupted_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_write_leaves_nothing_and_keeps_the_old_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     make_folder(src)
     real_encode = shards._encode
@@ -193,5 +197,15 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(shards, "_encode", encode_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_shards(src, out, maxcount=2, progress=False)
-    # The finished first shard stays; the open second one is removed; no index, so the loader refuses the folder.
-    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar"]
+    assert not out.exists()  # created by the interrupted run, so removed with what it wrote
+
+    # --force over a finished set: an interruption before the new set is complete keeps the old set byte for byte.
+    monkeypatch.setattr(shards, "_encode", real_encode)
+    write_shards(src, out, maxcount=4, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["shard-000000.tar", "shard-000001.tar", "sizes.json"]
+    calls.clear()
+    monkeypatch.setattr(shards, "_encode", encode_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(src, out, maxcount=2, force=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

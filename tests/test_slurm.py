@@ -225,7 +225,9 @@ def test_one_node_two_tasks_trains_and_checkpoints(one_node: dict[str, str], ima
 
 def test_preemption_saves_requeues_and_resumes(one_node: dict[str, str], images: Path, tmp_path: Path) -> None:
     log = tmp_path / "job.out"
-    job_id = _sbatch(one_node, log, ["--nodes=1", "--ntasks-per-node=2"], _tiny_job(tmp_path / "run", images, 60))
+    # checkpoint.resume=none applies to the first start only: the requeued run must still resume.
+    job_args = [*_tiny_job(tmp_path / "run", images, 60), "checkpoint.resume=none"]
+    job_id = _sbatch(one_node, log, ["--nodes=1", "--ntasks-per-node=2"], job_args)
     _wait_for_step(log, 3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=one_node, check=True)
     # The job is requeued and held (BeginTime) by SLURM: release it at once.
@@ -244,6 +246,7 @@ def test_preemption_saves_requeues_and_resumes(one_node: dict[str, str], images:
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
     assert "received SIGUSR1" in text and "requeueing job" in text
+    assert "requeued run: checkpoint.resume=auto added" in text
     saved = int(re.search(r"preempted \(SIGUSR1\): complete checkpoint saved at step=(\d+)", text).group(1))
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step-{saved}'} at step={saved}" in text
     second_run = text.split("resumed from", 1)[1]

@@ -328,7 +328,8 @@ def test_zero3_param_groups_resume_decision_and_stale_marker_on_real_engines(tmp
 def test_bf16_zero2_metrics_images_pruning_and_explicit_resume(tmp_path: Path, images: Path) -> None:
     """The default precision (bf16) on 2 processes at ZeRO-2: finite losses; every metric in TensorBoard and the
     JSONL file; reconstruction PNGs; train.log; keep-last pruning. Then an explicit checkpoint.resume=PATH into the
-    middle of the run (which re-saves over a complete step-3), and a PATH without a marker refused clearly."""
+    middle of the run, which moves the later complete step-3 aside (auto-resume must not pick it over this run's own
+    checkpoints) and saves its own step-3; and a PATH without a marker refused clearly."""
     run_dir = tmp_path / "bf16"
     settings = {
         "training.precision": "bf16",
@@ -382,6 +383,12 @@ def test_bf16_zero2_metrics_images_pruning_and_explicit_resume(tmp_path: Path, i
     rerun = _records(run_dir)
     assert [r["step"] for r in rerun] == [1, 2, 3]
     assert rerun[2]["loss"] == pytest.approx(records[2]["loss"], rel=1e-6)
+    (abandoned,) = (run_dir / "checkpoints" / "abandoned").iterdir()
+    assert abandoned.name.startswith("resumed-at-step-2-")
+    assert sorted(p.name for p in abandoned.iterdir()) == ["step-3"]
+    assert (abandoned / "step-3" / "COMPLETE").is_file() and any(abandoned.glob("step-3/*model_states.pt"))
+    assert f"checkpoint.resume={step2}: moved the later complete checkpoints step-3 " in log_text(tmp_path / "l2")
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-2", "step-3"]
     assert (run_dir / "checkpoints" / "step-3" / "COMPLETE").is_file()
 
     unmarked = run_dir / "checkpoints" / "step-9"
@@ -410,3 +417,25 @@ def test_non_finite_losses_are_skipped_then_stop(tmp_path: Path, images: Path) -
     text = log_text(tmp_path / "nan-logs")
     assert "non-finite loss at step=" in text and "(1 in a row, 1 in total)" in text
     assert "3 non-finite losses in a row (training.max_nonfinite_steps=3); stopping" in text
+
+
+def test_set_aside_later_moves_later_complete_checkpoints_and_their_universal_copies(tmp_path: Path) -> None:
+    from pretrain.checkpoint import list_complete, set_aside_later
+
+    ckpt = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 10):
+        (ckpt / f"step-{step}").mkdir(parents=True)
+        (ckpt / f"step-{step}" / "COMPLETE").write_text(json.dumps({"step": step}))
+    (ckpt / "step-10_universal").mkdir()
+    (ckpt / "step-11").mkdir()  # cut short (no marker): not a resume candidate, left for the overwriting save
+    assert set_aside_later(ckpt, 10) == (None, [])
+    dest, moved = set_aside_later(ckpt, 2)
+    assert moved == ["step-3", "step-10"] and dest.parent == ckpt / "abandoned"
+    assert sorted(p.name for p in dest.iterdir()) == ["step-10", "step-10_universal", "step-3"]
+    assert [p.name for p in list_complete(ckpt)] == ["step-1", "step-2"]
+    assert (ckpt / "step-11").is_dir()
+    # A second resume within the same second gets its own folder.
+    (ckpt / "step-5").mkdir()
+    (ckpt / "step-5" / "COMPLETE").write_text("{}")
+    again, moved = set_aside_later(ckpt, 2)
+    assert moved == ["step-5"] and again != dest and (again / "step-5" / "COMPLETE").is_file()
