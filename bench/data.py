@@ -84,7 +84,7 @@ class ModelStep:
     def __init__(self, cfg: PretrainConfig) -> None:
         torch.manual_seed(0)
         self.model = build_simmim(cfg)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)  # as the trainer builds it
         gen = MaskGenerator(cfg.model.img_size, cfg.simmim.mask_patch_size, cfg.model.patch_size, cfg.simmim.mask_ratio)
         rng = np.random.default_rng(0)
         self.images = torch.randn(cfg.data.batch_size, 3, cfg.model.img_size, cfg.model.img_size)

@@ -4,11 +4,12 @@ Usage: python bench/model_step.py [--batch 8] [--mem-batch 16] [--steps 3] [--re
         [--attn-impl auto] [--compile] [--skip-memory] [--skip-throughput]
 
 Throughput: SwinV2-T at 192/w12 (the SimMIM pretraining geometry), batch 8, one step = forward, cross-entropy on
-random labels, backward, AdamW step. ``--compile`` adds a row for our model with its blocks compiled as the trainer's
-``model.compile=true`` does (swinv2.compile_blocks, default inductor mode; compile time is excluded and printed
-separately) against the same eager timm figure. Both models get the same weights (official <-> timm key mapping)
-and run interleaved, ours then timm, in each of ``--repeats`` rounds; the best round of each is reported (the CPU is
-shared with other jobs, the best round is the least disturbed one).
+random labels, backward, AdamW step (torch's fused AdamW for both models, the one the trainer uses). ``--compile``
+adds a row for our model with its blocks compiled as the trainer's ``model.compile=true`` does (swinv2.compile_blocks,
+default inductor mode; compile time is excluded and printed separately) against the same eager timm figure. Both
+models get the same weights (official <-> timm key mapping) and run interleaved, ours then timm, in each of
+``--repeats`` rounds; the best round of each is reported (the CPU is shared with other jobs, the best round is the
+least disturbed one).
 Precision: fp32, and bf16 autocast on the device.
 
 Memory: each configuration runs in a fresh subprocess. On CUDA the figure is torch.cuda.max_memory_allocated during
@@ -48,7 +49,8 @@ def _build_pair(img: int, window: int, device: torch.device, attn_impl: str):
 
 
 def _step_fn(model: torch.nn.Module, batch: int, img: int, device: torch.device, dtype: torch.dtype | None):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    # torch's fused AdamW, as the trainer builds it (pretrain/optim.py), for both models alike.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, 3, img, img, generator=gen).to(device)
     y = torch.randint(0, 1000, (batch,), generator=gen).to(device)

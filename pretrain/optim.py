@@ -100,11 +100,12 @@ def _apex_fused_adam(groups: list[dict], kwargs: dict[str, Any]) -> torch.optim.
 
 
 def build_optimizer(groups: list[dict], cfg: PretrainConfig, device_type: str) -> torch.optim.Optimizer:
-    """AdamW over ``groups``: apex's FusedAdam on CUDA when importable, else torch's (fused kernel on CUDA).
+    """AdamW over ``groups``: apex's FusedAdam on CUDA when importable, else torch's fused AdamW.
 
     apex is optional and only ever used for this: its multi-tensor FusedAdam updates all parameters of a group in a
-    few kernel launches. Without apex, torch's ``fused=True`` AdamW does the same job. With optimizer offload the
-    update runs on the CPU, so plain torch AdamW is used (DeepSpeed's CPUAdam would need a compiled op).
+    few kernel launches. torch's ``fused=True`` AdamW does the same job on CUDA, and on the CPU (also where the update
+    of an offloaded optimizer runs) it is a vectorised kernel: for SwinV2-T on this project's 2-core CPU it took 15 ms
+    per update against 64 ms for torch's default per-parameter loop.
     """
     o = cfg.optimizer
     kwargs = {"lr": o.base_lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
@@ -112,5 +113,4 @@ def build_optimizer(groups: list[dict], cfg: PretrainConfig, device_type: str) -
         fused = _apex_fused_adam(groups, kwargs)
         if fused is not None:
             return fused
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, fused=True, **kwargs)
