@@ -132,8 +132,9 @@ def _plan_resume(
     target = _choose_checkpoint(cfg, ckpt_dir)
     if target is None:
         return None, False
+    meta = read_marker(target)
     if cfg.checkpoint.resume != "auto":
-        dest, moved = set_aside_later(ckpt_dir, int(read_marker(target)["step"]))
+        dest, moved = set_aside_later(ckpt_dir, int(meta["step"]))
         if dest is not None:
             say(
                 f"checkpoint.resume={cfg.checkpoint.resume}: moved the later complete checkpoints {', '.join(moved)} "
@@ -142,7 +143,6 @@ def _plan_resume(
             )
     if (target / "UNIVERSAL").is_file():  # checkpoint.resume pointed at a universal copy
         return target, True
-    meta = read_marker(target)
     if not _needs_universal(target, meta, world_size):
         return target, False
     universal = universal_dir(target)
