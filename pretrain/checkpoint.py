@@ -60,17 +60,26 @@ def read_marker(tag_dir: str | Path) -> dict[str, Any]:
     return json.loads((tag_dir / MARKER).read_text())
 
 
-def list_complete(ckpt_dir: str | Path) -> list[Path]:
-    """Complete ``step-<N>`` directories under ``ckpt_dir``, oldest first."""
-    ckpt_dir = Path(ckpt_dir)
+def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(N, path) of the ``step-<N>`` directories under ``ckpt_dir``, complete or not, oldest first."""
     if not ckpt_dir.is_dir():
         return []
     found = []
     for child in ckpt_dir.iterdir():
         match = _TAG.match(child.name)
-        if match and child.is_dir() and is_complete(child):
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
+    return sorted(found)
+
+
+def list_complete(ckpt_dir: str | Path) -> list[Path]:
+    """Complete ``step-<N>`` directories under ``ckpt_dir``, oldest first."""
+    return [path for _, path in _step_dirs(Path(ckpt_dir)) if is_complete(path)]
+
+
+def _incomplete_before(ckpt_dir: Path, step: int) -> list[Path]:
+    """``step-<M>`` directories without the marker, for M < ``step``."""
+    return [path for m, path in _step_dirs(ckpt_dir) if m < step and not is_complete(path)]
 
 
 def find_latest_complete(ckpt_dir: str | Path) -> Path | None:
@@ -90,7 +99,7 @@ def set_aside_later(ckpt_dir: str | Path, step: int) -> tuple[Path | None, list[
     the universal copy before its checkpoint, so an interruption leaves every checkpoint whole.
     """
     ckpt_dir = Path(ckpt_dir)
-    later = [tag_dir for tag_dir in list_complete(ckpt_dir) if int(_TAG.match(tag_dir.name).group(1)) > step]
+    later = [path for m, path in _step_dirs(ckpt_dir) if m > step and is_complete(path)]
     if not later:
         return None, []
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -121,7 +130,8 @@ def universal_dir(tag_dir: str | Path) -> Path:
 
 def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
     """Collective: every rank saves its part; rank 0 then writes the marker and prunes to the newest ``keep_last``
-    at or below ``step`` (complete checkpoints of later steps, left by a run resumed from an older one, are kept).
+    at or below ``step`` (complete checkpoints of later steps, left by a run resumed from an older one, are kept),
+    and removes folders of earlier steps that have no marker (left by a prune or a save cut short).
 
     The tag folder may already exist (a run resumed from an older checkpoint reaches a step it had saved before):
     rank 0 removes its marker, then the folder and the universal copy converted from it, before any rank writes. A
@@ -157,5 +167,8 @@ def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: 
             (old / MARKER).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(universal_dir(old), ignore_errors=True)
+        for left in _incomplete_before(ckpt_dir, step):
+            # Left by such a prune, or by a save cut short that this run has since passed: never resumable.
+            shutil.rmtree(left, ignore_errors=True)
     dist.barrier()
     return tag_dir

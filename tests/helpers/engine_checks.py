@@ -127,7 +127,12 @@ def check_overwrite_removes_stale_marker(work: Path, overrides: list[str]) -> No
     assert find_latest_complete(ckpt_dir) is None
     dist.barrier()  # every rank has looked at the cut-short folder before the next save removes it
 
-    # Complete saves again, with pruning to the newest 2 (the oldest's universal copy goes with it).
+    # Complete saves again, with pruning to the newest 2 (the oldest's universal copy goes with it). A folder that an
+    # interrupted prune left (marker removed, files still there) goes at the next save.
+    if rank == 0:
+        (ckpt_dir / "step-0").mkdir()
+        (ckpt_dir / "step-0" / "mp_rank_00_model_states.pt").write_bytes(b"left by a prune cut short")
+    dist.barrier()
     for step in (1, 2, 3):
         save_checkpoint(engine, ckpt_dir, step, {"step": step}, keep_last=2)
         if step == 1 and rank == 0:
@@ -136,6 +141,7 @@ def check_overwrite_removes_stale_marker(work: Path, overrides: list[str]) -> No
     kept = [p.name for p in list_complete(ckpt_dir)]
     assert kept == ["step-2", "step-3"], (rank, kept)
     assert not (ckpt_dir / "step-1").exists() and not universal_dir(ckpt_dir / "step-1").exists()
+    assert not (ckpt_dir / "step-0").exists(), "an incomplete folder of an earlier step was left behind"
     dist.barrier()  # every rank has listed the folder before rank 0 adds to it
 
     # After an explicit resume from an older checkpoint, later checkpoints of the abandoned run neither push this
