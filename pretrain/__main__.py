@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
+from typing import NoReturn
 
 from .config import ConfigError, load_config, to_yaml
+from .distributed import LaunchError, finish_process, resolve_launch_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .distributed import LaunchError, resolve_launch_env
 
     try:
         launch = resolve_launch_env(local_rank_arg=args.local_rank)
@@ -55,5 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def cli() -> NoReturn:
+    """``python -m pretrain`` and the ``swinv2-pretrain`` console script: ``main()``, then the process ends through
+    ``finish_process`` with main's exit code (1 after an unexpected error, whose traceback is printed first)."""
+    try:
+        code = main()
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    finish_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -252,8 +252,7 @@ def run(cfg: PretrainConfig, launch: LaunchEnv) -> int:
     finally:
         metrics.close()
     dist.barrier()
-    # Tear the process group down here rather than in interpreter shutdown, where destroying the backend's threads in
-    # arbitrary order was seen to abort a finished rank ("terminate called without an active exception").
+    # Every rank is done with its collectives; the entry point then leaves through finish_process (see there why).
     dist.destroy_process_group()
     return exit_code
 

@@ -187,3 +187,58 @@ def test_plain_python_without_any_launcher_variable(tmp_path: Path, images: Path
     assert "launcher=none" in proc.stdout
     log = (tmp_path / "run" / "train.log").read_text()
     assert "world_size=1" in log and "step=2/2" in log
+
+
+def test_finish_process_flushes_output_and_skips_interpreter_teardown(tmp_path: Path) -> None:
+    """finish_process exits with the given code after flushing buffered stdout and logging files, and no teardown code
+    runs after it (an atexit handler and a finaliser stand for the interpreter's teardown, where a gloo worker thread
+    can abort a finished rank); a failing run's code reaches the caller the same way."""
+    log_file, teardown_file = tmp_path / "run.log", tmp_path / "teardown-ran"
+    script = f"""
+import atexit, logging, sys
+from pathlib import Path
+from pretrain.distributed import finish_process
+
+class Finaliser:
+    def __del__(self):
+        Path({str(teardown_file)!r}).write_text("finaliser")
+
+keep = Finaliser()
+atexit.register(Path({str(teardown_file)!r}).write_text, "atexit")
+logging.basicConfig(filename={str(log_file)!r}, level=logging.INFO)
+logging.info("logged before leaving")
+sys.stdout.write("buffered, no newline")
+finish_process(int(sys.argv[1]))
+"""
+    for code in (0, 3):
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(code)], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == code, proc.stderr
+        assert proc.stdout == "buffered, no newline"
+        assert "logged before leaving" in log_file.read_text()
+        assert not teardown_file.exists()
+
+
+def test_entry_point_unexpected_error_prints_traceback_and_exits_1() -> None:
+    """An error that main() does not turn into an exit code still ends the process through finish_process: the
+    traceback on stderr, exit code 1."""
+    script = "import pretrain.__main__ as entry\nentry.main = lambda: 1 / 0\nentry.cli()\n"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" in proc.stderr and "ZeroDivisionError" in proc.stderr
+
+
+def test_console_script_runs_the_entry_point(tmp_path: Path) -> None:
+    """The installed ``swinv2-pretrain`` script is the same entry point as ``python -m pretrain``."""
+    script = Path(sys.executable).parent / "swinv2-pretrain"
+    proc = subprocess.run(
+        [str(script), "--print-config", "training.max_steps=7", f"training.output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "max_steps: 7" in proc.stdout
+    bad = subprocess.run([str(script), "--print-config", "training.max_step=7"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "training.max_step" in bad.stderr

@@ -173,8 +173,10 @@ def main() -> None:
         print(f"CHECK {name} ok (rank {launch.rank})", flush=True)
     if launch.rank == 0:
         shutil.rmtree(work / "save", ignore_errors=True)
-    dist.barrier()
 
 
 if __name__ == "__main__":
+    from tests.helpers.launch import finish_rank
+
     main()
+    finish_rank()

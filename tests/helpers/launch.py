@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 from PIL import Image
@@ -19,6 +20,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def finish_rank() -> NoReturn:
+    """End a helper rank after its checks: the way ``python -m pretrain`` ends (barrier, process group destroyed,
+    pretrain.distributed.finish_process), so that a helper cannot abort in interpreter teardown either."""
+    import torch.distributed as dist
+
+    from pretrain.distributed import finish_process
+
+    dist.barrier()
+    dist.destroy_process_group()
+    finish_process(0)
 
 
 def rank_env(rank: int, world: int, port: int, **extra: str) -> dict[str, str]:

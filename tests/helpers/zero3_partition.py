@@ -32,4 +32,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from tests.helpers.launch import finish_rank
+
     main()
+    finish_rank()
