@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pretrain.checkpoint import has_zero_shards, universal_dir
+from pretrain.checkpoint import MARKER, has_zero_shards, universal_dir
 from pretrain.formats import (
     META_KEY,
     PICKLE_SUFFIXES,
@@ -69,7 +69,6 @@ __all__ = [
     "to_universal",
 ]
 
-COMPLETE_MARKER = "COMPLETE"
 DTYPES = ("fp32", "bf16")
 
 
@@ -114,13 +113,13 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
             if latest is None:
                 tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and _is_tag_dir(p))
                 raise ConversionError(
-                    f"{ckpt_dir}: no complete checkpoint (a step-<N> directory with a {COMPLETE_MARKER} marker); "
+                    f"{ckpt_dir}: no complete checkpoint (a step-<N> directory with a {MARKER} marker); "
                     f"incomplete tags found: {tags}"
                 )
             tag_dir = Path(latest)
     if not is_complete(tag_dir):
         raise ConversionError(
-            f"{tag_dir}: no {COMPLETE_MARKER} marker, so the save did not finish (interrupted or still running); "
+            f"{tag_dir}: no {MARKER} marker, so the save did not finish (interrupted or still running); "
             f"refusing to read it. Use an earlier complete tag, or the newest complete one by passing the "
             f"checkpoints directory without --tag"
         )
@@ -409,7 +408,7 @@ def to_universal(
             if not (tmp / src.name).exists():
                 shutil.copy2(src, tmp / src.name)
         (tmp / "UNIVERSAL").write_text(f"converted from {tag_dir}\n")
-        (tmp / COMPLETE_MARKER).write_text((tag_dir / COMPLETE_MARKER).read_text())
+        (tmp / MARKER).write_text((tag_dir / MARKER).read_text())
     _log(f"universal checkpoint of {tag_dir} -> {output}")
     return output
 
