@@ -24,7 +24,15 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import NoReturn
 
-__all__ = ["LaunchEnv", "LaunchError", "finish_process", "free_port", "init_process_group", "resolve_launch_env"]
+__all__ = [
+    "LaunchEnv",
+    "LaunchError",
+    "finish_process",
+    "free_port",
+    "init_process_group",
+    "leave_process_group",
+    "resolve_launch_env",
+]
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
 
@@ -163,6 +171,15 @@ def init_process_group(backend: str, timeout_minutes: float) -> None:
         timeout=datetime.timedelta(minutes=timeout_minutes),
         verbose=False,
     )
+
+
+def leave_process_group() -> None:
+    """The end of a rank's collective work: a barrier (no rank tears down while another still communicates), then
+    every process group is destroyed."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def finish_process(exit_code: int) -> NoReturn:

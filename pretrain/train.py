@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .config import PretrainConfig, to_dict, to_yaml
 from .data import build_pretrain_loader, steps_per_epoch
-from .distributed import LaunchEnv, init_process_group
+from .distributed import LaunchEnv, init_process_group, leave_process_group
 from .engine import (
     backend_for,
     build_engine,
@@ -251,9 +251,7 @@ def run(cfg: PretrainConfig, launch: LaunchEnv) -> int:
         raise
     finally:
         metrics.close()
-    dist.barrier()
-    # Every rank is done with its collectives; the entry point then leaves through finish_process (see there why).
-    dist.destroy_process_group()
+    leave_process_group()  # the entry point then ends the process through finish_process (see there why)
     return exit_code
 
 

@@ -261,8 +261,9 @@ class _CosineQKV(torch.autograd.Function):
         q_out, k_out, q_factor, k_factor, scale = ctx.saved_tensors
         b, windows, heads, n, hd = q_out.shape
         compiling = torch.compiler.is_compiling()
-        grad = q_out.new_empty((b, windows, n, 3, heads, hd))
-        slots = grad.permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, nH, N, hd) views into the qkv-shaped gradient
+        if not compiling:
+            grad = q_out.new_empty((b, windows, n, 3, heads, hd))
+            slots = grad.permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, nH, N, hd) views into the qkv-shaped gradient
         grads, grad_scale = [], None
         for slot, g, y, factor, s in ((0, gq, q_out, q_factor, scale), (1, gk, k_out, k_factor, None)):
             g = g.reshape(y.shape)

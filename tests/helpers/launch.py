@@ -23,14 +23,11 @@ def free_port() -> int:
 
 
 def finish_rank() -> NoReturn:
-    """End a helper rank after its checks: the way ``python -m pretrain`` ends (barrier, process group destroyed,
-    pretrain.distributed.finish_process), so that a helper cannot abort in interpreter teardown either."""
-    import torch.distributed as dist
+    """End a helper rank after its checks the way ``python -m pretrain`` ends a rank, so that a helper cannot abort in
+    interpreter teardown either."""
+    from pretrain.distributed import finish_process, leave_process_group
 
-    from pretrain.distributed import finish_process
-
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
     finish_process(0)
 
 
