@@ -13,13 +13,17 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from .checks import require
+
 __all__ = [
     "MARKER",
+    "CheckpointConfig",
     "CheckpointError",
     "find_latest_complete",
     "has_zero_shards",
@@ -34,6 +38,18 @@ __all__ = [
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    # auto: newest complete checkpoint in output_dir/checkpoints; none; or a path to a step-<N> directory.
+    resume: str = "auto"
+
+    def check(self) -> None:
+        require(self.every_steps >= 1, f"checkpoint.every_steps={self.every_steps}; accepted: 1 or more")
+        require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last}; accepted: 1 or more")
 
 
 class CheckpointError(RuntimeError):

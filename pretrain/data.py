@@ -30,6 +30,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from .checks import one_of, require
 from .masking import MaskGenerator
 
 if TYPE_CHECKING:
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "DataConfig",
     "DataError",
     "SimMIMTransform",
     "build_pretrain_loader",
@@ -62,6 +65,62 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SIZE_INDEX = "sizes.json"
+
+
+SOURCES = ("webdataset", "folder")
+
+
+@dataclass
+class DataConfig:
+    # webdataset: tar shards (path is a brace pattern, e.g. data/shards/train-{000000..000127}.tar, a glob, or the
+    # folder holding them);
+    # folder: a directory of images, searched recursively.
+    source: str = "webdataset"
+    path: str = ""
+    # Per-device micro-batch.
+    batch_size: int = 128
+    num_workers: int = 8
+    pin_memory: bool = True
+    resampled: bool = True
+    # Samples per epoch over all ranks; None = read from the size index next to the shards, or count the folder.
+    samples_per_epoch: int | None = None
+    shuffle_buffer: int = 2000
+    crop_scale: list[float] = field(default_factory=lambda: [0.67, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    hflip: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+    def check(self, in_chans: int) -> None:
+        """The section's ranges; ``in_chans`` (the model's input channels) sets the length of mean and std."""
+        one_of("data.source", self.source, SOURCES)
+        require(
+            self.batch_size > 0,
+            f"data.batch_size={self.batch_size}; accepted: a positive integer (per-device micro-batch)",
+        )
+        require(self.num_workers >= 0, f"data.num_workers={self.num_workers}; accepted: 0 or more")
+        require(
+            self.shuffle_buffer >= 0,
+            f"data.shuffle_buffer={self.shuffle_buffer}; accepted: 0 or 1 (no shuffling) or more samples",
+        )
+        require(
+            self.samples_per_epoch is None or self.samples_per_epoch > 0,
+            f"data.samples_per_epoch={self.samples_per_epoch}; accepted: a positive integer or null",
+        )
+        require(
+            len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
+            f"data.crop_scale={list(self.crop_scale)}; accepted: [min, max] with 0 < min <= max <= 1",
+        )
+        require(
+            len(self.crop_ratio) == 2 and 0.0 < self.crop_ratio[0] <= self.crop_ratio[1],
+            f"data.crop_ratio={list(self.crop_ratio)}; accepted: [min, max] with 0 < min <= max",
+        )
+        require(0.0 <= self.hflip <= 1.0, f"data.hflip={self.hflip}; accepted: a probability in [0, 1]")
+        require(
+            len(self.mean) == in_chans and len(self.std) == in_chans and all(v > 0 for v in self.std),
+            f"data.mean={list(self.mean)}, data.std={list(self.std)}; accepted: {in_chans} values each (one per "
+            f"channel of model.in_chans), std > 0",
+        )
 
 
 class DataError(ValueError):

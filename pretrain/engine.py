@@ -4,13 +4,14 @@ optimizer and schedule attached. The model stays a plain single-device module; p
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from swinv2 import compile_blocks, parse_checkpointing
 
-from .config import ConfigError
+from .checks import ConfigError, one_of, require
 from .optim import LRSchedule, build_optimizer
 from .simmim import SimMIM, build_simmim, simmim_param_groups
 
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from .config import PretrainConfig
 
 __all__ = [
+    "DEEPSPEED_TYPED_KEYS",
+    "DistributedConfig",
     "build_engine",
     "compute_dtype",
     "deepspeed_config",
@@ -25,6 +28,78 @@ __all__ = [
     "overflow_skipped_steps",
     "resolve_device",
 ]
+
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+# distributed.deepspeed keys (dotted paths into the DeepSpeed config) that the typed configuration generates, with
+# the typed key to use instead. Accepting them would let the DeepSpeed engine silently disagree with values the rest
+# of the code reads (lr scaling by the global batch, loss scale logging, ZeRO-3 model construction...).
+DEEPSPEED_TYPED_KEYS: dict[str, str] = {
+    "train_batch_size": "data.batch_size (per device) and training.grad_accum_steps; the global batch follows",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "training.grad_accum_steps",
+    "gradient_clipping": "optimizer.clip_grad",
+    # Only the switches: fp16 loss-scaling settings (initial_scale_power, loss_scale_window...) may be passed through.
+    "bf16.enabled": "training.precision",
+    "bfloat16.enabled": "training.precision",  # DeepSpeed's other spelling of bf16
+    "fp16.enabled": "training.precision",
+    "zero_optimization.stage": "distributed.zero_stage",
+    "optimizer": "the optimizer section (AdamW is built by pretrain/optim.py)",
+    "scheduler": "the schedule section (the lr schedule is built by pretrain/optim.py)",
+}
+
+
+@dataclass
+class DistributedConfig:
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    # auto: nccl on cuda, gloo on cpu.
+    backend: str = "auto"
+    # Bound on every collective: ranks raise instead of hanging when a peer dies.
+    timeout_minutes: float = 30.0
+    # Extra DeepSpeed config keys, merged over the generated dict (deepspeed_config below). Keys that the typed
+    # settings generate are refused (see DEEPSPEED_TYPED_KEYS): set the typed key instead.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        one_of("distributed.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        one_of("distributed.backend", self.backend, BACKENDS)
+        require(
+            0 < self.timeout_minutes <= 7 * 24 * 60,
+            f"distributed.timeout_minutes={self.timeout_minutes}; accepted: > 0 and at most a week (10080)",
+        )
+        require(
+            not (self.offload_optimizer and self.zero_stage == 0),
+            "distributed.offload_optimizer=true needs distributed.zero_stage 1, 2 or 3",
+        )
+        conflicts = _deepspeed_conflicts(dict(self.deepspeed))
+        if conflicts:
+            key, value, typed = conflicts[0]
+            raise ConfigError(
+                f"distributed.deepspeed.{key}={value!r} repeats a typed setting; set {typed} instead. Accepted in "
+                f"distributed.deepspeed: any other DeepSpeed key (refused: {', '.join(DEEPSPEED_TYPED_KEYS)})"
+            )
+
+
+def _deepspeed_conflicts(extra: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, typed key) for each key of ``extra`` that DEEPSPEED_TYPED_KEYS refuses.
+
+    A non-dict value on the way to a refused key (``fp16: true``) counts too: merged over the generated config it
+    would replace the whole generated section, switch included.
+    """
+    found = []
+    for path, typed in DEEPSPEED_TYPED_KEYS.items():
+        node: Any = extra
+        parts = path.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+            if depth == len(parts) - 1 or not isinstance(node, dict):
+                found.append((".".join(parts[: depth + 1]), node, typed))
+                break
+    return found
 
 
 def resolve_device(cfg: PretrainConfig, local_rank: int) -> torch.device:

@@ -15,15 +15,41 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["GPU_PEAK_TFLOPS", "MetricsLogger", "count_forward_flops", "gpu_peak_tflops", "peak_flops", "trim_jsonl"]
+from .checks import require
+
+__all__ = [
+    "GPU_PEAK_TFLOPS",
+    "LoggingConfig",
+    "MetricsLogger",
+    "count_forward_flops",
+    "gpu_peak_tflops",
+    "peak_flops",
+    "trim_jsonl",
+]
 
 log = logging.getLogger("pretrain")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    progress_bar: bool = True
+    tensorboard: bool = True
+    jsonl: bool = True
+    # Reconstruction grids (TensorBoard and PNG) every N steps; 0 disables.
+    image_every: int = 1000
+
+    def check(self) -> None:
+        require(self.log_every >= 1, f"logging.log_every={self.log_every}; accepted: 1 or more")
+        require(self.image_every >= 0, f"logging.image_every={self.image_every}; accepted: 0 (off) or more")
+
 
 # Dense bf16/fp16 tensor-core peaks, TFLOP/s (vendor data sheets; without the 2:4 sparsity figures). Keys are matched
 # as whole words of torch.cuda.get_device_name(), longest first: "A10" does not match an "A10G" (a different chip at

@@ -12,14 +12,86 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .checks import one_of, require
+
 if TYPE_CHECKING:
     from .config import PretrainConfig
 
-__all__ = ["LRSchedule", "build_optimizer", "lr_scale_factor"]
+__all__ = ["LRSchedule", "OptimizerConfig", "ScheduleConfig", "build_optimizer", "lr_scale_factor"]
+
+OPTIMIZERS = ("adamw",)
+SCHEDULES = ("cosine", "multistep")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    base_lr: float = 1e-4
+    warmup_lr: float = 5e-7
+    min_lr: float = 5e-6
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # Learning rates are multiplied by global batch / lr_reference_batch (the official rule); 0 disables scaling.
+    lr_reference_batch: int = 512
+    clip_grad: float = 5.0
+    layer_decay: float = 1.0
+
+    def check(self) -> None:
+        one_of("optimizer.name", self.name, OPTIMIZERS)
+        require(self.base_lr > 0, f"optimizer.base_lr={self.base_lr}; accepted: > 0")
+        require(self.warmup_lr >= 0, f"optimizer.warmup_lr={self.warmup_lr}; accepted: >= 0")
+        require(self.min_lr >= 0, f"optimizer.min_lr={self.min_lr}; accepted: >= 0")
+        require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay}; accepted: >= 0")
+        require(
+            self.lr_reference_batch >= 0,
+            f"optimizer.lr_reference_batch={self.lr_reference_batch}; accepted: 0 (off) or > 0",
+        )
+        require(self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad}; accepted: 0 (off) or > 0")
+        require(
+            0.0 < self.layer_decay <= 1.0,
+            f"optimizer.layer_decay={self.layer_decay}; accepted: 0 < layer_decay <= 1",
+        )
+        require(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            f"optimizer.betas={list(self.betas)}; accepted: two values in [0, 1)",
+        )
+        require(self.eps > 0, f"optimizer.eps={self.eps}; accepted: > 0")
+
+
+@dataclass
+class ScheduleConfig:
+    # cosine or multistep; all lengths in epochs, applied per iteration.
+    name: str = "multistep"
+    epochs: int = 800
+    warmup_epochs: float = 10.0
+    milestones: list[int] = field(default_factory=lambda: [700])
+    gamma: float = 0.1
+
+    def check(self) -> None:
+        one_of("schedule.name", self.name, SCHEDULES)
+        require(self.epochs > 0, f"schedule.epochs={self.epochs}; accepted: a positive integer")
+        require(
+            0 <= self.warmup_epochs <= self.epochs,
+            f"schedule.warmup_epochs={self.warmup_epochs}; accepted: 0 <= warmup_epochs <= "
+            f"schedule.epochs={self.epochs}",
+        )
+        require(self.gamma > 0, f"schedule.gamma={self.gamma}; accepted: > 0 (the lr factor at each milestone)")
+        if self.name == "multistep":
+            # A milestone at or after the last epoch is never reached: the lr would silently never decay at it.
+            outside = [ms for ms in self.milestones if not 0 < ms < self.epochs]
+            accepted = f"epochs 1..{self.epochs - 1}" if self.epochs > 1 else "none (an empty list)"
+            require(
+                not outside,
+                f"schedule.milestones={list(self.milestones)}: {outside} outside the schedule; accepted: {accepted} "
+                f"(before schedule.epochs={self.epochs})",
+            )
+
 
 log = logging.getLogger("pretrain")
 

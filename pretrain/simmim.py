@@ -6,18 +6,58 @@ official SimMIM checkpoints and ours convert with the same code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swinv2 import MODEL_SIZES, SwinTransformerV2, param_groups
+from swinv2 import SwinTransformerV2, param_groups
+
+from .backbone import backbone_kwargs
+from .checks import require
 
 if TYPE_CHECKING:
     from .config import PretrainConfig
 
-__all__ = ["SimMIM", "SwinTransformerV2ForSimMIM", "build_simmim", "normalized_target", "simmim_param_groups"]
+__all__ = [
+    "SimMIM",
+    "SimMIMConfig",
+    "SwinTransformerV2ForSimMIM",
+    "build_simmim",
+    "normalized_target",
+    "simmim_param_groups",
+]
+
+
+@dataclass
+class SimMIMConfig:
+    mask_patch_size: int = 32
+    mask_ratio: float = 0.6
+    norm_target: bool = True
+    norm_target_patch_size: int = 47
+    # The official SimMIM code weight-decays cpb_mlp weights and logit_scale through a name-prefix bug
+    # (spec 3.6). False (default) excludes them as the backbone's own no-decay lists intend; True reproduces
+    # the official training dynamics.
+    decay_position_bias: bool = False
+
+    def check(self, patch_size: int, img_size: int) -> None:
+        """The section's own ranges, and the mask geometry against the model's patch and image size."""
+        require(
+            self.mask_patch_size > 0 and self.mask_patch_size % patch_size == 0,
+            f"simmim.mask_patch_size={self.mask_patch_size} must be a positive multiple of "
+            f"model.patch_size={patch_size}",
+        )
+        require(
+            img_size % self.mask_patch_size == 0,
+            f"simmim.mask_patch_size={self.mask_patch_size} must divide model.img_size={img_size}",
+        )
+        require(0.0 < self.mask_ratio < 1.0, f"simmim.mask_ratio={self.mask_ratio}; accepted: 0 < mask_ratio < 1")
+        require(
+            self.norm_target_patch_size > 0 and self.norm_target_patch_size % 2 == 1,
+            f"simmim.norm_target_patch_size={self.norm_target_patch_size}; accepted: a positive odd integer",
+        )
 
 
 class SwinTransformerV2ForSimMIM(SwinTransformerV2):
@@ -142,29 +182,7 @@ class SimMIM(nn.Module):
 
 def build_simmim(cfg: PretrainConfig) -> SimMIM:
     """The SimMIM model described by ``cfg.model`` and ``cfg.simmim`` (on the current default device / zero.Init)."""
-    m = cfg.model
-    size = dict(MODEL_SIZES[m.size])
-    for key in ("embed_dim", "depths", "num_heads", "extra_norm_every"):
-        value = getattr(m, key)
-        if value is not None:
-            size[key] = value
-    encoder = SwinTransformerV2ForSimMIM(
-        img_size=m.img_size,
-        patch_size=m.patch_size,
-        in_chans=m.in_chans,
-        window_size=m.window_size,
-        mlp_ratio=m.mlp_ratio,
-        qkv_bias=m.qkv_bias,
-        drop_rate=m.drop_rate,
-        attn_drop_rate=m.attn_drop_rate,
-        drop_path_rate=m.drop_path_rate,
-        ape=m.ape,
-        patch_norm=m.patch_norm,
-        pretrained_window_sizes=list(m.pretrained_window_sizes),
-        attn_impl=m.attn_impl,
-        window_chunk_size=m.window_chunk_size,
-        **size,
-    )
+    encoder = SwinTransformerV2ForSimMIM(**backbone_kwargs(cfg.model))
     return SimMIM(encoder, norm_target=cfg.simmim.norm_target, norm_target_patch_size=cfg.simmim.norm_target_patch_size)
 
 

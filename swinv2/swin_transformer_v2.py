@@ -38,6 +38,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .geometry import check_geometry, divisors, per_stage, to_2tuple, window_and_shift
+
 __all__ = [
     "ATTN_IMPLS",
     "PatchEmbed",
@@ -84,40 +86,6 @@ def choose_attn_impl(device_type: str, dtype: torch.dtype) -> str:
         return "sdpa" if _AUTO_SDPA.get((device_type, dtype), False) else "explicit"
     # CUDA and other accelerators: fused kernels that accept an additive bias beat the explicit path.
     return "sdpa"
-
-
-def _to_2tuple(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 2:
-        raise ValueError(f"expected an int or a pair of ints, got {value}")
-    return value  # type: ignore[return-value]
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _window_and_shift(
-    resolution: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Apply the official clamp rule and check that windows tile the stage (ValueError naming valid windows)."""
-    # Official rule: if min(resolution) <= window, no shift and the window becomes min(resolution).
-    if min(resolution) <= max(window):
-        side = min(resolution)
-        window, shift = (side, side), (0, 0)
-    for axis, (r, w) in enumerate(zip(resolution, window, strict=True)):
-        if r % w:
-            valid = [d for d in _divisors(r) if d > 1]
-            raise ValueError(
-                f"stage resolution {resolution[0]}x{resolution[1]} is not a multiple of window size {w} "
-                f"(axis {axis}); windows that divide {r}: {valid}, or choose an image size whose stage "
-                f"resolutions are multiples of the window"
-            )
-    if not all(0 <= s < w for s, w in zip(shift, window, strict=True)):
-        raise ValueError(f"shift size {shift} must lie in [0, window size {window})")
-    return window, shift
 
 
 class _TruncNormalLinear(nn.Linear):
@@ -419,15 +387,15 @@ class WindowAttention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(
-                f"dim {dim} is not divisible by num_heads {num_heads}; head counts that divide it: {_divisors(dim)}"
+                f"dim {dim} is not divisible by num_heads {num_heads}; head counts that divide it: {divisors(dim)}"
             )
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={attn_impl!r}; accepted: {', '.join(ATTN_IMPLS)}")
         if window_chunk_size < 0:
             raise ValueError(f"window_chunk_size={window_chunk_size}; accepted: 0 (off) or a positive window count")
         self.dim = dim
-        self.window_size = _to_2tuple(window_size)
-        self.pretrained_window_size = _to_2tuple(pretrained_window_size)
+        self.window_size = to_2tuple(window_size)
+        self.pretrained_window_size = to_2tuple(pretrained_window_size)
         self.num_heads = num_heads
         self.attn_impl = attn_impl
         self.window_chunk_size = window_chunk_size
@@ -470,8 +438,8 @@ class WindowAttention(nn.Module):
 
     def set_window_size(self, window_size: tuple[int, int], pretrained_window_size: tuple[int, int]) -> None:
         """Change the window (and the pretrained window normaliser) and rebuild the derived tables."""
-        self.window_size = _to_2tuple(window_size)
-        self.pretrained_window_size = _to_2tuple(pretrained_window_size)
+        self.window_size = to_2tuple(window_size)
+        self.pretrained_window_size = to_2tuple(pretrained_window_size)
         self._build_buffers(device=self.relative_position_index.device)
 
     def position_bias(self) -> torch.Tensor:
@@ -639,9 +607,9 @@ class SwinTransformerBlock(nn.Module):
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
         self.grad_checkpointing = False
-        self.target_window_size = _to_2tuple(window_size)
-        self.target_shift_size = _to_2tuple(shift_size)
-        self.input_resolution = _to_2tuple(input_resolution)
+        self.target_window_size = to_2tuple(window_size)
+        self.target_shift_size = to_2tuple(shift_size)
+        self.input_resolution = to_2tuple(input_resolution)
         self.window_size, self.shift_size = self._clamp(self.input_resolution)
         self.attn = WindowAttention(
             dim,
@@ -650,7 +618,7 @@ class SwinTransformerBlock(nn.Module):
             qkv_bias=qkv_bias,
             attn_drop=attn_drop,
             proj_drop=drop,
-            pretrained_window_size=_to_2tuple(pretrained_window_size),
+            pretrained_window_size=to_2tuple(pretrained_window_size),
             attn_impl=attn_impl,
             window_chunk_size=window_chunk_size,
         )
@@ -662,7 +630,7 @@ class SwinTransformerBlock(nn.Module):
         self._build_buffers(device=None)
 
     def _clamp(self, resolution: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-        return _window_and_shift(resolution, self.target_window_size, self.target_shift_size)
+        return window_and_shift(resolution, self.target_window_size, self.target_shift_size)
 
     def _build_buffers(self, device: Any) -> None:
         shifted = any(self.shift_size)
@@ -683,10 +651,10 @@ class SwinTransformerBlock(nn.Module):
         pretrained_window_size: tuple[int, int],
     ) -> None:
         """Re-derive window, shift and all derived buffers for a new stage resolution / window."""
-        self.target_window_size = _to_2tuple(window_size)
+        self.target_window_size = to_2tuple(window_size)
         if any(self.target_shift_size):
             self.target_shift_size = (self.target_window_size[0] // 2, self.target_window_size[1] // 2)
-        self.input_resolution = _to_2tuple(input_resolution)
+        self.input_resolution = to_2tuple(input_resolution)
         self.window_size, self.shift_size = self._clamp(self.input_resolution)
         device = self.token_perm.device
         self.attn.set_window_size(self.window_size, pretrained_window_size)
@@ -722,7 +690,7 @@ class PatchMerging(nn.Module):
 
     def __init__(self, input_resolution: tuple[int, int], dim: int) -> None:
         super().__init__()
-        self.input_resolution = _to_2tuple(input_resolution)
+        self.input_resolution = to_2tuple(input_resolution)
         self.dim = dim
         self.reduction = _TruncNormalLinear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(2 * dim)
@@ -781,9 +749,9 @@ class BasicLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.dim = dim
-        self.input_resolution = _to_2tuple(input_resolution)
+        self.input_resolution = to_2tuple(input_resolution)
         self.depth = depth
-        window = _to_2tuple(window_size)
+        window = to_2tuple(window_size)
         self.blocks = nn.ModuleList(
             [
                 SwinTransformerBlock(
@@ -838,7 +806,7 @@ class PatchEmbed(nn.Module):
         patch_norm: bool = True,
     ) -> None:
         super().__init__()
-        self.patch_size = _to_2tuple(patch_size)
+        self.patch_size = to_2tuple(patch_size)
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.set_img_size(img_size)
@@ -847,7 +815,7 @@ class PatchEmbed(nn.Module):
 
     def set_img_size(self, img_size: int | tuple[int, int]) -> None:
         """Validate and record the input size; the patch grid follows from it."""
-        img_size = _to_2tuple(img_size)
+        img_size = to_2tuple(img_size)
         for side, p in zip(img_size, self.patch_size, strict=True):
             if side <= 0 or side % p:
                 lower = (side // p) * p
@@ -1016,62 +984,13 @@ class SwinTransformerV2(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- construction
     def _per_stage(self, value: int | Sequence[int], name: str) -> list[int]:
-        if isinstance(value, int):
-            return [value] * self.num_layers
-        value = [int(v) for v in value]
-        if len(value) != self.num_layers:
-            raise ValueError(f"{name}={value} needs one entry per stage ({self.num_layers}) or a single int")
-        return value
-
-    def _stage_resolutions(self, grid: tuple[int, int]) -> list[tuple[int, int]]:
-        resolutions = []
-        h, w = grid
-        for i in range(self.num_layers):
-            resolutions.append((h, w))
-            if i < self.num_layers - 1:
-                if h % 2 or w % 2:
-                    step = self.patch_size * 2 ** (i + 1)
-                    raise ValueError(
-                        f"stage {i} resolution {h}x{w} is odd, patch merging needs it even; use an image size that "
-                        f"is a multiple of {step * 2 ** (self.num_layers - 2 - i)} (e.g. "
-                        f"{[k * self.patch_size * 2 ** (self.num_layers - 1) for k in (6, 7, 8)]})"
-                    )
-                h, w = h // 2, w // 2
-        return resolutions
+        return per_stage(value, self.num_layers, name)
 
     def _check_geometry(self, grid: tuple[int, int], windows: Sequence[int]) -> list[tuple[int, int]]:
-        """Stage resolutions for a patch grid, after checking that every stage's windows tile it.
-
-        A failure names the stage and the windows that would fit, and suggests nearby image sizes that work with
-        the requested windows (the usual fix is the image size, not the window).
-        """
-        try:
-            resolutions = self._stage_resolutions(grid)
-            for i, resolution in enumerate(resolutions):
-                window = _to_2tuple(windows[i])
-                _window_and_shift(resolution, window, (window[0] // 2, window[1] // 2))
-            return resolutions
-        except ValueError as err:
-            side = grid[0] * self.patch_size
-            raise ValueError(
-                f"{err}. Image sizes near {side} that work with window_size={list(windows)}: "
-                f"{self._valid_sides(side, windows)}"
-            ) from None
-
-    def _valid_sides(self, near: int, windows: Sequence[int], count: int = 4) -> list[int]:
-        """The ``count`` square image sides closest to ``near`` whose stages all fit ``windows``."""
-        found = []
-        for side in sorted(range(self.patch_size, 4 * near + 1, self.patch_size), key=lambda s: (abs(s - near), s)):
-            try:
-                grid = (side // self.patch_size, side // self.patch_size)
-                for i, resolution in enumerate(self._stage_resolutions(grid)):
-                    _window_and_shift(resolution, _to_2tuple(windows[i]), (0, 0))
-            except ValueError:
-                continue
-            found.append(side)
-            if len(found) == count:
-                break
-        return sorted(found)
+        """Stage resolutions for a patch grid, after checking that every stage's windows tile it."""
+        return check_geometry(
+            (grid[0] * self.patch_size, grid[1] * self.patch_size), self.patch_size, windows, self.num_layers
+        )
 
     def init_weights(self) -> None:
         """Re-apply the official initialisation to every parameter and rebuild the derived buffers.
@@ -1135,7 +1054,7 @@ class SwinTransformerV2(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.input_resolution = resolutions[i]
             for blk in layer.blocks:
-                blk.set_input_size(resolutions[i], _to_2tuple(new_windows[i]), _to_2tuple(new_pre[i]))
+                blk.set_input_size(resolutions[i], to_2tuple(new_windows[i]), to_2tuple(new_pre[i]))
             if layer.downsample is not None:
                 layer.downsample.input_resolution = resolutions[i]
         if self.absolute_pos_embed is not None and self.patch_embed.patches_resolution != old_grid:

@@ -12,7 +12,7 @@ import yaml
 
 from pretrain.config import ConfigError, PretrainConfig, load_config, to_dict, to_yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 SIZES = ["tiny", "small", "base", "large", "huge", "giant"]
 

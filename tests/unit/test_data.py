@@ -21,7 +21,7 @@ from pretrain.config import PretrainConfig, load_config
 from pretrain.data import DataError, SimMIMTransform, build_pretrain_loader, expand_shards, steps_per_epoch
 from pretrain.shards import write_shards
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 MODEL = [
     "model.size=tiny",
