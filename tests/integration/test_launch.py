@@ -12,7 +12,7 @@ import pytest
 
 from pretrain.__main__ import main
 from pretrain.distributed import LaunchError, resolve_launch_env
-from tests.helpers.launch import REPO, free_port, losses, make_image_folder, tiny_overrides
+from tests.helpers.launch import REPO, free_port, losses, tiny_overrides
 
 BIN = Path(sys.executable).parent
 
@@ -100,8 +100,8 @@ def test_overrides_before_and_after_options(capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("images"), 16)
+def images(image_folder) -> Path:
+    return image_folder(16)
 
 
 def _clean_env() -> dict[str, str]:

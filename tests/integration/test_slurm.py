@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.launch import REPO, make_image_folder, tiny_overrides
+from tests.helpers.launch import REPO, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -49,8 +49,8 @@ def _stop_cluster(workdir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("images"), 32)
+def images(image_folder) -> Path:
+    return image_folder(32)
 
 
 # Work dirs of the clusters that are up, so that one shape can be stopped before the other starts.

@@ -19,7 +19,6 @@ from tests.helpers.launch import (
     free_port,
     log_text,
     losses,
-    make_image_folder,
     rank_env,
     run_ranks,
     start_ranks,
@@ -30,17 +29,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("images"), 48)
+def images(image_folder) -> Path:
+    return image_folder(48)
 
 
 @pytest.fixture(scope="module")
-def images_with_corrupt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def images_with_corrupt(image_folder) -> Path:
     """48 images and 4 unreadable files: batches report skipped samples (52 files = 6 steps of 8 per epoch)."""
-    root = make_image_folder(tmp_path_factory.mktemp("images-corrupt"), 48)
-    for i in range(4):
-        (root / f"class{i % 2}" / f"broken{i}.jpg").write_bytes(b"not an image " * (i + 1))
-    return root
+    return image_folder(48, corrupt=4)
 
 
 def _records(run_dir: Path) -> list[dict]:
