@@ -66,11 +66,12 @@ import deepspeed
 from pretrain.checkpoint import save_checkpoint
 from pretrain.config import load_config, to_dict
 from pretrain.engine import build_engine
+from pretrain.tasks.simmim import SimMIMTask
 
 out, *overrides = sys.argv[1:]
 deepspeed.init_distributed(dist_backend="gloo")
 cfg = load_config(None, overrides)
-engine = build_engine(cfg, world_size=1, steps_per_epoch=1)
+engine, _ = build_engine(cfg, world_size=1, steps_per_epoch=1, task=SimMIMTask(cfg))
 client = {"step": 0, "config": to_dict(cfg), "world_size": 1, "zero_stage": cfg.distributed.zero_stage}
 save_checkpoint(engine, out, 0, client, keep_last=1)
 """

@@ -69,6 +69,7 @@ def _measure(precision: str, args: argparse.Namespace) -> list[tuple[str, float,
     from pretrain.metrics import count_forward_flops
     from pretrain.optim import build_optimizer
     from pretrain.simmim import build_simmim, simmim_param_groups
+    from pretrain.tasks.simmim import SimMIMTask
 
     base = [
         f"model.size={args.size}",
@@ -99,7 +100,7 @@ def _measure(precision: str, args: argparse.Namespace) -> list[tuple[str, float,
     rows = [("bare", _time(bare_step, args.steps, args.repeats), flops)]
     for stage in args.zero:
         stage_cfg = load_config(None, [*base, f"distributed.zero_stage={stage}"])
-        engine = build_engine(stage_cfg, 1, steps_per_epoch=1000)
+        engine, _ = build_engine(stage_cfg, 1, steps_per_epoch=1000, task=SimMIMTask(stage_cfg))
         x = images.to(compute_dtype(stage_cfg))
 
         def engine_step(engine: object = engine, x: torch.Tensor = x) -> None:

@@ -33,28 +33,35 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
 
-    from .checkpoint import CheckpointError
-    from .data import DataError
-
     try:
         launch = resolve_launch_env(local_rank_arg=args.local_rank)
     except LaunchError as exc:
         print(f"launch error: {exc}", file=sys.stderr, flush=True)
         return 2
     os.environ.setdefault("PYTHONFAULTHANDLER", "1")
-    from .train import NonFiniteLossError, run
+    from .stopping import EXIT_INTERRUPTED, exit_code_for
+    from .tasks.simmim import SimMIMTask
+    from .trainer import run
 
     try:
-        return run(cfg, launch)
-    except ConfigError as exc:  # what only this machine can tell (e.g. no CUDA for training.device=cuda)
-        print(f"config error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except (DataError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return run(cfg, launch, SimMIMTask(cfg))
+    except KeyboardInterrupt:
+        print("interrupted (second SIGINT): stopped without saving", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        code = exit_code_for(exc)
+        if code == 1 and not _expected(exc):
+            raise  # unexpected: cli() prints the traceback
+        prefix = "config error" if type(exc).__name__ == "ConfigError" else "error"
+        print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
+        return code
+
+
+def _expected(exc: BaseException) -> bool:
+    """Errors whose message says everything (no traceback needed)."""
+    from .stopping import NonFiniteError, PeerFailure
+
+    return isinstance(exc, (NonFiniteError, PeerFailure))
 
 
 def cli() -> NoReturn:

@@ -1,5 +1,6 @@
-"""The DeepSpeed engine: config dict generated from our typed config, model built (partitioned under ZeRO-3), the
-optimizer and schedule attached. The model stays a plain single-device module; parallelism is applied here."""
+"""The DeepSpeed engine and the ``distributed`` config section: the DeepSpeed config dict generated from the typed
+config, the task's model built (partitioned under ZeRO-3), the optimizer and schedule attached. The model stays a
+plain single-device module; parallelism, activation checkpointing and compilation are applied here, from outside."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from swinv2 import compile_blocks, parse_checkpointing
 
 from .checks import ConfigError, one_of, require
 from .optim import LRSchedule, build_optimizer
-from .simmim import SimMIM, build_simmim, simmim_param_groups
 
 if TYPE_CHECKING:
-    from .config import PretrainConfig
+    from .tasks import Task
 
 __all__ = [
     "DEEPSPEED_TYPED_KEYS",
@@ -102,7 +103,7 @@ def _deepspeed_conflicts(extra: dict[str, Any]) -> list[tuple[str, Any, str]]:
     return found
 
 
-def resolve_device(cfg: PretrainConfig, local_rank: int) -> torch.device:
+def resolve_device(cfg: Any, local_rank: int) -> torch.device:
     """cuda:<local_rank> or cpu, from training.device (auto = cuda when available)."""
     want = cfg.training.device
     if want == "auto":
@@ -122,17 +123,17 @@ def resolve_device(cfg: PretrainConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def backend_for(cfg: PretrainConfig, device: torch.device) -> str:
+def backend_for(cfg: Any, device: torch.device) -> str:
     if cfg.distributed.backend != "auto":
         return cfg.distributed.backend
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def compute_dtype(cfg: PretrainConfig) -> torch.dtype:
+def compute_dtype(cfg: Any) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.training.precision]
 
 
-def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict (batch triple, clipping, precision, ZeRO), ``distributed.deepspeed`` merged over it."""
     d = cfg.distributed
     zero: dict[str, Any] = {"stage": d.zero_stage}
@@ -157,6 +158,9 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict[str, Any]:
         },
         # torch's AdamW is accepted with optimizer offload (DeepSpeed's CPUAdam needs a compiled op).
         "zero_force_ds_cpu_optimizer": False,
+        # ZeRO checks the optimizer's exact type against its list; ours is AdamW (or apex FusedAdam) with a switch that
+        # skips a step (pretrain/optim.py), the same update under another class name.
+        "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": False},
@@ -173,8 +177,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
             base[key] = value
 
 
-def build_model(cfg: PretrainConfig, ds_config: dict[str, Any]) -> SimMIM:
-    """Build SimMIM; under ZeRO-3 inside deepspeed.zero.Init so no rank ever holds the whole model."""
+def build_model(cfg: Any, ds_config: dict[str, Any], task: Task) -> nn.Module:
+    """The task's model, built under ``deepspeed.zero.Init`` for ZeRO-3 (no rank ever holds the whole model), with
+    activation checkpointing and compilation applied to its backbone from outside."""
     import deepspeed
 
     if cfg.distributed.zero_stage == 3:
@@ -184,20 +189,27 @@ def build_model(cfg: PretrainConfig, ds_config: dict[str, Any]) -> SimMIM:
     else:
         context = contextlib.nullcontext()
     with context:
-        model = build_simmim(cfg)
-    model.encoder.set_grad_checkpointing(**parse_checkpointing(cfg.model.activation_checkpointing))
+        model = task.build_model()
+    backbone = task.backbone(model)
+    backbone.set_grad_checkpointing(**parse_checkpointing(cfg.model.activation_checkpointing))
     if cfg.model.compile:
-        compile_blocks(model.encoder)
+        compile_blocks(backbone)
     return model
 
 
-def build_engine(cfg: PretrainConfig, world_size: int, steps_per_epoch: int, load_universal: bool = False) -> Any:
-    """A DeepSpeed engine for SimMIM with AdamW and the schedule; the process group must already exist.
+def build_engine(
+    cfg: Any, world_size: int, steps_per_epoch: int, task: Task, load_universal: bool = False
+) -> tuple[Any, LRSchedule]:
+    """A DeepSpeed engine for the task's model with AdamW, and the lr schedule; the process group must exist.
+
+    The schedule is handed to DeepSpeed (so it is saved with checkpoints) but the trainer sets its step explicitly
+    before every optimizer step: the lr is a function of the step, whatever DeepSpeed skipped.
 
     Args:
-        cfg: resolved configuration.
+        cfg: the task's resolved configuration.
         world_size: data-parallel size.
         steps_per_epoch: optimizer steps per epoch (for the schedule).
+        task: builds the model and its parameter groups.
         load_universal: the checkpoint to resume from is in DeepSpeed's universal format.
     """
     import deepspeed
@@ -208,14 +220,13 @@ def build_engine(cfg: PretrainConfig, world_size: int, steps_per_epoch: int, loa
     torch.manual_seed(cfg.training.seed)
     if load_universal:
         ds_config["checkpoint"]["load_universal"] = True
-    model = build_model(cfg, ds_config)
-    groups = simmim_param_groups(model, cfg)
-    optimizer = build_optimizer(groups, cfg, get_accelerator().device_name())
+    model = build_model(cfg, ds_config, task)
+    optimizer = build_optimizer(task.param_groups(model), cfg, get_accelerator().device_name())
     schedule = LRSchedule(optimizer, cfg, world_size, steps_per_epoch)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config, dist_init_required=False
     )
-    return engine
+    return engine, schedule
 
 
 def loss_scale(engine: Any) -> float:

@@ -1,12 +1,15 @@
-"""Rank-0 metrics: progress bar, console lines, TensorBoard scalars, a JSONL file and reconstruction grids.
+"""Rank-0 metrics: progress bar, console lines, TensorBoard scalars, a JSONL file, reconstruction grids, and the
+optional W&B and MLflow trackers (:mod:`pretrain.tracking`).
 
 Scalar names follow torchtitan's where one exists. MFU = achieved training FLOP/s / peak FLOP/s of the device, with
-training FLOPs = 3 x forward FLOPs (recomputation by activation checkpointing not counted); the peak is a table of
-dense 16-bit figures for known GPUs and, on CPU, a matmul rate measured in the compute dtype.
+training FLOPs = 3 x forward FLOPs (recomputation by activation checkpointing not counted); the peak is
+``logging.peak_tflops`` when set, else a table of dense 16-bit figures for known GPUs and, on CPU, a matmul rate
+measured in the compute dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -15,7 +18,9 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checks import require
+from .tracking import MlflowConfig, Tracker, WandbConfig, open_trackers
 
 __all__ = [
     "GPU_PEAK_TFLOPS",
@@ -43,25 +49,51 @@ class LoggingConfig:
     progress_bar: bool = True
     tensorboard: bool = True
     jsonl: bool = True
-    # Reconstruction grids (TensorBoard and PNG) every N steps; 0 disables.
+    # Reconstruction grids (TensorBoard, PNG and the trackers) every N steps; 0 disables.
     image_every: int = 1000
+    # Dense 16-bit peak of one device in TFLOP/s, the denominator of MFU. null = the table below for GPUs (an unknown
+    # GPU gives one warning and no MFU) and a measured matmul rate on CPUs; set it for a GPU the table lacks or a
+    # power-capped part.
+    peak_tflops: float | None = None
+    # Optional trackers (extras [wandb] and [mlflow]); see pretrain/tracking.py.
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def check(self) -> None:
         require(self.log_every >= 1, f"logging.log_every={self.log_every}; accepted: 1 or more")
         require(self.image_every >= 0, f"logging.image_every={self.image_every}; accepted: 0 (off) or more")
+        require(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            f"logging.peak_tflops={self.peak_tflops}; accepted: null (table or measured) or a positive TFLOP/s figure",
+        )
+        self.wandb.check()
+        self.mlflow.check()
 
 
-# Dense bf16/fp16 tensor-core peaks, TFLOP/s (vendor data sheets; without the 2:4 sparsity figures). Keys are matched
-# as whole words of torch.cuda.get_device_name(), longest first: "A10" does not match an "A10G" (a different chip at
-# about half the A10's rate), "H100" does not match "H100 PCIe".
+# Dense bf16/fp16 tensor-core peaks per device as torch sees it, TFLOP/s, from the vendors' data sheets (the figures
+# without 2:4 sparsity, i.e. half of the starred ones). Keys are matched as whole words of
+# torch.cuda.get_device_name() (which also names ROCm devices), longest first: "A10" does not match an "A10G" (a
+# different chip at about half the A10's rate), "H100" does not match "H100 PCIe", "B200" does not match "GB200".
 GPU_PEAK_TFLOPS = {
+    # NVIDIA Blackwell. HGX B200 and HGX B300 data sheets: FP16/BF16 36 PFLOPS (sparse) for 8 GPUs. GB200 NVL72 and
+    # GB300 NVL72 data sheets: FP16/BF16 360 PFLOPS (sparse) for 72 GPUs.
     "B200": 2250.0,
-    "GH200": 989.0,
-    "H200": 989.0,
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
+    "B300": 2250.0,
+    "GB200": 2500.0,
+    "GB300": 2500.0,
+    # NVIDIA Hopper. H100 data sheet: BF16 1,979 (SXM), 1,513 (PCIe), 1,671 (NVL) sparse; H200 data sheet: 1,979
+    # (SXM), 1,671 (NVL); GH200 data sheet: 1,979; H20 product brief: 148 dense. H800 is the SXM part's export variant.
+    # Some drivers name an H200 NVL just "NVIDIA H200": set logging.peak_tflops=835 there.
     "H100": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.0,
+    "H200 NVL": 835.0,
+    "GH200": 989.0,
     "H800": 989.0,
+    "H20": 148.0,
+    # NVIDIA Ampere and Ada. A100 data sheet: BF16 312 (SXM and PCIe); A800 is its export variant. L40S data sheet:
+    # 733 sparse; L40: 362 sparse; L4: 242 sparse; A10: 125 dense; A10G (AWS): 70 dense. V100: 125 fp16 (no bf16).
     "A100": 312.0,
     "A800": 312.0,
     "L40S": 362.0,
@@ -70,6 +102,13 @@ GPU_PEAK_TFLOPS = {
     "A10G": 70.0,
     "A10": 125.0,
     "V100": 125.0,
+    # AMD Instinct. MI300X and MI325X data sheets: BF16 1,307.4 dense. MI250X (383.0) and MI250 (362.1) data sheets
+    # give the package of two dies, which ROCm shows as two devices: half of it each. ROCm names both kinds "AMD
+    # Instinct MI250X/MI250", which takes the MI250X figure (5% above an MI250's).
+    "MI300X": 1307.4,
+    "MI325X": 1307.4,
+    "MI250X": 191.5,
+    "MI250": 181.05,
 }
 
 
@@ -101,20 +140,41 @@ def _measured_cpu_peak(dtype: torch.dtype) -> float:
     return best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+def peak_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, peak_tflops: float | None = None
+) -> tuple[float, str]:
     """(peak FLOP/s, where the figure comes from) for ``device`` computing in ``dtype``.
 
+    Args:
+        device: the training device.
+        dtype: the compute dtype (the CPU rate is measured in it).
+        peak_tflops: ``logging.peak_tflops``; when set it is the answer for any device.
+
     GPUs: the dense 16-bit tensor-core figure of :data:`GPU_PEAK_TFLOPS` (also for fp32 runs, as torchtitan does, so
-    MFU compares against what the hardware offers); NaN for an unknown GPU. CPU: measured once per dtype with a
-    matmul in the compute dtype, since bf16 and fp32 matmuls run at different rates on CPUs.
+    MFU compares against what the hardware offers); an unknown GPU gives one warning and NaN. CPU: measured once per
+    dtype with a matmul in the compute dtype, since bf16 and fp32 matmuls run at different rates on CPUs.
     """
+    if peak_tflops is not None:
+        return peak_tflops * 1e12, "logging.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         hit = gpu_peak_tflops(name)
         if hit is None:
-            return float("nan"), f"unknown GPU {name!r}: MFU not computed"
+            _warn_unknown_gpu(name)
+            return float("nan"), f"unknown GPU {name!r}: MFU not computed; set logging.peak_tflops"
         return hit[0] * 1e12, f"table ({hit[1]}, dense 16-bit)"
     return _measured_cpu_peak(dtype), f"measured {str(dtype).replace('torch.', '')} matmul"
+
+
+@functools.cache
+def _warn_unknown_gpu(name: str) -> None:
+    """One warning per GPU name and process."""
+    warnings.warn(
+        f"GPU {name!r} is not in pretrain.metrics.GPU_PEAK_TFLOPS: MFU is not computed. Set logging.peak_tflops to its "
+        f"dense 16-bit (bf16/fp16, without sparsity) peak in TFLOP/s from the vendor's data sheet",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def count_forward_flops(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor) -> float:
@@ -157,25 +217,32 @@ class MetricsLogger:
     """Writes metrics on rank 0 only (other ranks get a no-op logger).
 
     Console lines (messages and one line per log step) also go to ``run_dir/train.log`` (appended, never trimmed, so
-    it keeps the history of every start of the run). TensorBoard, the JSONL file and the progress bar open in
-    :meth:`begin`, once the step the run (re)starts from is known.
+    it keeps the history of every start of the run). TensorBoard, the JSONL file, the trackers (W&B, MLflow; see
+    :mod:`pretrain.tracking`) and the progress bar open in :meth:`begin`, once the step the run (re)starts from is
+    known.
 
     Args:
         run_dir: run directory (train.log, tb/, metrics.jsonl and images/ go under it).
         cfg: the logging section.
         rank: this process's rank.
         total_steps: optimizer steps of the run (progress bar and ETA).
+        run_config: the resolved configuration as plain containers (:func:`pretrain.config.to_dict`), stored by the
+            trackers with the run; None stores none.
     """
 
-    def __init__(self, run_dir: Path, cfg: Any, rank: int, total_steps: int) -> None:
+    def __init__(
+        self, run_dir: Path, cfg: Any, rank: int, total_steps: int, run_config: dict[str, Any] | None = None
+    ) -> None:
         self.enabled = rank == 0
         self.run_dir = run_dir
         self.cfg = cfg
         self.total_steps = total_steps
+        self.run_config = run_config
         self.bar = None
         self.tb = None
         self.jsonl = None
         self.text = None
+        self.trackers: list[Tracker] = []
         self.images_dir = run_dir / "images"
         if not self.enabled:
             return
@@ -204,6 +271,10 @@ class MetricsLogger:
                     f"(left by an earlier run that went further)"
                 )
             self.jsonl = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self.trackers = open_trackers(self.cfg, self.run_dir, self.run_config, start_step)
+        for tracker in self.trackers:
+            how = "continues" if tracker.resumed else "started"
+            self.message(f"{tracker.name}: {how} run {tracker.run_id} (id kept in {self.run_dir / 'tracking'})")
         if self.cfg.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -234,6 +305,9 @@ class MetricsLogger:
                     self.tb.add_scalar(_TB_NAMES.get(key, key), value, step)
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self.trackers:
+            finite = {k: float(v) for k, v in scalars.items() if v is not None and math.isfinite(v)}
+            self._to_trackers(step, lambda tracker: tracker.log_scalars(step, finite))
 
     def log_images(
         self,
@@ -267,7 +341,23 @@ class MetricsLogger:
         save_image(grid, path)
         if self.tb is not None:
             self.tb.add_image("reconstruction", grid, step)
+        self._to_trackers(step, lambda tracker: tracker.log_image(step, path))
         return path
+
+    def _to_trackers(self, step: int, call: Callable[[Tracker], None]) -> None:
+        """``call`` on each tracker. A tracker that fails (its server went away mid-run) is dropped with a message:
+        the run goes on, and metrics.jsonl and TensorBoard still hold everything."""
+        for tracker in list(self.trackers):
+            try:
+                call(tracker)
+            except Exception as exc:
+                self.trackers.remove(tracker)
+                self.message(
+                    f"{tracker.name}: logging failed at step={step} ({type(exc).__name__}: {exc}); no more "
+                    f"{tracker.name} logging in this start of the run (metrics.jsonl and TensorBoard go on)"
+                )
+                with contextlib.suppress(Exception):
+                    tracker.close(1)
 
     def message(self, text: str) -> None:
         """A console line on rank 0 (above the progress bar when there is one), also appended to train.log."""
@@ -284,11 +374,17 @@ class MetricsLogger:
         if self.text is not None:
             self.text.write(text + "\n")
 
-    def close(self) -> None:
-        for handle in (self.bar, self.tb, self.jsonl, self.text):
-            if handle is not None:
-                handle.close()
-        self.bar = self.tb = self.jsonl = self.text = None
+    def close(self, exit_code: int = 0) -> None:
+        """Close every output; ``exit_code`` (the trainer's) tells the trackers how this start of the run ended."""
+        trackers, self.trackers = self.trackers, []
+        try:
+            for tracker in trackers:
+                tracker.close(exit_code)
+        finally:
+            for handle in (self.bar, self.tb, self.jsonl, self.text):
+                if handle is not None:
+                    handle.close()
+            self.bar = self.tb = self.jsonl = self.text = None
 
 
 _TB_NAMES = {

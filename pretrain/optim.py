@@ -22,7 +22,14 @@ from .checks import one_of, require
 if TYPE_CHECKING:
     from .config import PretrainConfig
 
-__all__ = ["LRSchedule", "OptimizerConfig", "ScheduleConfig", "build_optimizer", "lr_scale_factor"]
+__all__ = [
+    "LRSchedule",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "SkippableAdamW",
+    "build_optimizer",
+    "lr_scale_factor",
+]
 
 OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "multistep")
@@ -147,6 +154,12 @@ class LRSchedule:
         self.last_step += 1
         self._apply()
 
+    def set_step(self, step: int) -> None:
+        """Apply the lr of optimizer step ``step`` (0-based). The trainer calls this before every step, so the lr
+        depends only on the step count, whether or not earlier updates were skipped."""
+        self.last_step = step
+        self._apply()
+
     def get_last_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
 
@@ -158,14 +171,36 @@ class LRSchedule:
         self._apply()
 
 
+class _SkipStep:
+    """Mixin: ``skip_next_step = True`` makes the next ``step()`` a no-op (no update, no state change).
+
+    The trainer sets it when a step's loss or gradients were non-finite on some rank (every rank agrees through
+    one reduction). It works beneath every DeepSpeed wrapper: ZeRO and the bf16/fp16 optimizers call this optimizer's
+    ``step()`` on their fp32 master partitions, which then stay as they were.
+    """
+
+    skip_next_step = False
+
+    def step(self, closure: Any = None) -> Any:
+        if self.skip_next_step:
+            self.skip_next_step = False
+            return None
+        return super().step(closure)  # type: ignore[misc]
+
+
+class SkippableAdamW(_SkipStep, torch.optim.AdamW):
+    """torch's AdamW whose next step can be skipped (see ``_SkipStep``)."""
+
+
 def _apex_fused_adam(groups: list[dict], kwargs: dict[str, Any]) -> torch.optim.Optimizer | None:
     """apex's FusedAdam in AdamW mode, or None when apex (or its CUDA extensions) is not installed."""
     try:
         from apex.optimizers import FusedAdam
     except ImportError:
         return None
+    skippable = type("SkippableFusedAdam", (_SkipStep, FusedAdam), {})
     try:
-        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+        return skippable(groups, adam_w_mode=True, **kwargs)
     except RuntimeError as exc:  # apex installed without its compiled CUDA extensions
         log.warning("apex is importable but its FusedAdam cannot be used (%s); using torch's fused AdamW", exc)
         return None
@@ -185,4 +220,4 @@ def build_optimizer(groups: list[dict], cfg: PretrainConfig, device_type: str) -
         fused = _apex_fused_adam(groups, kwargs)
         if fused is not None:
             return fused
-    return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return SkippableAdamW(groups, fused=True, **kwargs)

@@ -22,7 +22,13 @@ __all__ = ["main", "sample_image_files", "write_sample_shards"]
 
 def sample_image_files(min_side: int = 128) -> list[Path]:
     """The photos in the installed skimage/data folder whose shorter side is at least ``min_side``."""
-    import skimage
+    try:
+        import skimage
+    except ImportError:
+        raise SystemExit(
+            "the sample photos come with scikit-image, which is not installed: `pip install -e .[demo]` "
+            "(scripts/demo.sh installs it)"
+        ) from None
 
     data_dir = Path(skimage.__file__).parent / "data"
     files = []

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install from scratch (if needed) and run the whole test suite: lint, then pytest.
+# Install from scratch (if needed, with the exact versions of constraints.txt and the dev extra) and run the whole
+# test suite: lint, then pytest.
 # The SLURM tests bring up real slurmctld/slurmd/munge daemons from Debian packages (installed on demand, root needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,7 +7,7 @@
 # signal on to the training processes; returns non-zero when there is nothing to signal yet). The caller then runs:
 #   slurm_trainer_args "$@"; slurm_master; slurm_env GPUS THREADS; slurm_launch CMD...; slurm_finish "$rc"
 
-EXIT_PREEMPTED=75 # the trainer saved a complete checkpoint after a signal (pretrain/train.py)
+EXIT_PREEMPTED=75 # the trainer saved a complete checkpoint after a signal (pretrain/stopping.py)
 EXIT_CONFIG=2     # configuration, launch or data error (pretrain/__main__.py)
 
 PYTHON="${PYTHON:-python}"
@@ -103,6 +103,13 @@ slurm_env() {
 # Signals. SLURM sends USR1 to this batch shell before the time limit (--signal=B:USR1@...) or by hand
 # (scancel --signal=USR1 --batch); SIGTERM is handled the same way. The shell only runs a trap while it is not blocked
 # in a foreground command, hence the launcher in the background and `wait`.
+# What else SLURM signals (seen on 22.05): `scancel --signal=TERM <job>` and a preemption with GraceTime send SIGTERM
+# (and SIGCONT) straight to every process of the job's steps, i.e. every rank and its data loader workers, not to this
+# shell: the ranks save and exit 75 on their own and srun returns 75. `scancel --full --signal=TERM` signals this
+# shell's whole process group; srun must not be in it, since srun answers SIGTERM by killing its tasks at once
+# ("forcing job termination"), whatever disposition it inherited: the launcher runs in a session of its own (setsid)
+# and gets the signal from forward_signal only. Whatever mix arrives, each rank sees TERM and/or USR1, which the
+# trainer treats alike (never SIGINT, whose second delivery aborts).
 signalled=""  # the last signal received: USR1 or TERM
 _child=""     # the pid of the launcher's wrapper (see slurm_launch), once started
 _pending=""   # a signal that could not be passed on yet (no training process to signal)
@@ -137,9 +144,18 @@ slurm_launch() {
         mktemp "/tmp/slurm-launch-$SLURM_JOB_ID.XXXXXX")" || exit 1
     # The wrapper survives the signals SLURM may send to every process of the job (SIGTERM at a time limit or on
     # preemption, USR1 from `scancel --signal=USR1` without --batch) so that it can still write the status. A handler,
-    # not an ignored signal, so that the launcher it starts does not inherit "ignore".
+    # not an ignored signal, so that the launcher it starts does not inherit "ignore". The launcher itself runs in a
+    # new session, out of this shell's process group, which `scancel --full` signals (see above). `setsid -w`: the
+    # wrapper's child is never a process-group leader, so setsid execs in place (no fork) and forward_signal still
+    # finds the launcher as the wrapper's child; -w keeps the status should it ever fork.
+    local session=()
+    if command -v setsid > /dev/null; then
+        session=(setsid -w)
+    else
+        say "setsid not found: \`scancel --full\` would reach $1, which may kill the ranks before they save"
+    fi
     # shellcheck disable=SC2016
-    bash -c 'trap : TERM USR1; "$@"; echo $? > "$0"' "$status" "$@" &
+    bash -c 'trap : TERM USR1; "$@"; echo $? > "$0"' "$status" ${session[@]+"${session[@]}"} "$@" &
     _child=$!
     if [[ -n "$signalled" ]]; then # the signal came while the launcher was being started
         if ! forward_signal "$signalled"; then _pending="$signalled"; fi
@@ -197,6 +213,12 @@ slurm_finish() {
         *)
             if [[ -n "$signalled" ]]; then
                 _requeue "$rc" "SIG$signalled, then the run ended with exit code $rc before it could save (a signal during start-up ends the ranks)"
+            fi
+            # 128 + SIGTERM: a rank was ended by a SIGTERM sent to the steps only (a preemption, `scancel
+            # --signal=TERM`) before its handlers were installed; this shell saw no signal. Requeued like a preemption
+            # (a cancelled job refuses the requeue: see _requeue).
+            if ((rc == 128 + 15)); then
+                _requeue "$rc" "the ranks were ended by SIGTERM (exit $rc) before they could save: a preemption or scancel during start-up"
             fi
             if [[ "$REQUEUE_ON_CRASH" == 1 ]]; then
                 _requeue "$rc" "crash with exit code $rc, REQUEUE_ON_CRASH=1"

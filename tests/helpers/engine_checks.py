@@ -29,11 +29,13 @@ def check_zero3_param_groups(overrides: list[str]) -> None:
     from pretrain.config import load_config
     from pretrain.engine import build_model, deepspeed_config
     from pretrain.simmim import simmim_param_groups
+    from pretrain.tasks.simmim import SimMIMTask
 
     plain_cfg = load_config(None, [*overrides, "distributed.zero_stage=0"])
     zero3_cfg = load_config(None, [*overrides, "distributed.zero_stage=3"])
-    plain = _sizes(simmim_param_groups(build_model(plain_cfg, deepspeed_config(plain_cfg, 2)), plain_cfg))
-    model = build_model(zero3_cfg, deepspeed_config(zero3_cfg, 2))
+    plain_model = build_model(plain_cfg, deepspeed_config(plain_cfg, 2), SimMIMTask(plain_cfg))
+    plain = _sizes(simmim_param_groups(plain_model, plain_cfg))
+    model = build_model(zero3_cfg, deepspeed_config(zero3_cfg, 2), SimMIMTask(zero3_cfg))
     partitioned = [p for p in model.parameters() if p.ndim == 1 and p.numel() == 0 and len(p.ds_shape) > 1]
     assert partitioned, "the ZeRO-3 model is not partitioned: the check would not cover the bug"
     zero3 = _sizes(simmim_param_groups(model, zero3_cfg))
@@ -41,18 +43,42 @@ def check_zero3_param_groups(overrides: list[str]) -> None:
     assert any(decay > 0 and n > 0 for decay, n, _ in zero3), zero3
 
 
+def zero_engine(cfg: object, stage: int = 2) -> object:
+    """A DeepSpeed engine of the config's SimMIM model with AdamW at ZeRO ``stage`` (fp32, CPU), built directly with
+    ``deepspeed.initialize``: what checkpoint saving and loading need, independent of the trainer's engine options."""
+    import deepspeed
+
+    from pretrain.simmim import build_simmim
+
+    torch.manual_seed(0)
+    model = build_simmim(cfg)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
 def _fake_checkpoint(tag_dir: Path, step: int) -> None:
-    """A tag folder with the marker only: enough for the resume decision, which reads markers, not weights."""
+    """A whole-looking stage-0 tag folder: rank 0's model states (no weights) and a marker listing it. Enough for the
+    resume decision, which reads markers, file sizes and the client state, not weights."""
     tag_dir.mkdir(parents=True)
-    (tag_dir / "COMPLETE").write_text(json.dumps({"step": step, "world_size": 2, "zero_stage": 2}))
+    states = tag_dir / "mp_rank_00_model_states.pt"
+    torch.save({"step": step, "world_size": 2, "zero_stage": 0}, states)
+    marker = {"step": step, "world_size": 2, "zero_stage": 0, "files": {states.name: states.stat().st_size}}
+    (tag_dir / "COMPLETE").write_text(json.dumps(marker))
 
 
 def check_resume_decision_is_rank0s(work: Path, overrides: list[str]) -> None:
     """Ranks that see different checkpoint folders still resume from the one rank 0 chose; rank 0's error reaches
     every rank instead of leaving the others waiting in a collective."""
     from pretrain.checkpoint import CheckpointError
+    from pretrain.checkpoint import resume_target as _resume_target
     from pretrain.config import load_config
-    from pretrain.train import _resume_target
 
     rank = dist.get_rank()
     # Rank 1's view holds a newer checkpoint than rank 0's (as a lagging shared-filesystem cache can make it look).
@@ -86,11 +112,10 @@ def check_overwrite_removes_stale_marker(work: Path, overrides: list[str]) -> No
     marker (nor the universal copy converted from the old content) in place."""
     from pretrain.checkpoint import find_latest_complete, is_complete, list_complete, save_checkpoint, universal_dir
     from pretrain.config import load_config
-    from pretrain.engine import build_engine
 
     rank = dist.get_rank()
     cfg = load_config(None, [*overrides, "distributed.zero_stage=2"])
-    engine = build_engine(cfg, 2, steps_per_epoch=10)
+    engine = zero_engine(cfg)
     ckpt_dir = work / "ckpt"
     tag_dir = save_checkpoint(engine, ckpt_dir, 1, {"step": 1}, keep_last=5)
     assert is_complete(tag_dir)
@@ -105,9 +130,9 @@ def check_overwrite_removes_stale_marker(work: Path, overrides: list[str]) -> No
     real_save = engine.save_checkpoint
     seen_marker: list[bool] = []
 
-    def crashing_save(save_dir: str, tag: str, client_state: dict) -> None:
+    def crashing_save(save_dir: str, tag: str, client_state: dict, **options: object) -> None:
         seen_marker.append(is_complete(Path(save_dir) / tag))
-        real_save(save_dir, tag=tag, client_state=client_state)  # the new shards land...
+        real_save(save_dir, tag=tag, client_state=client_state, **options)  # the new shards land...
         raise RuntimeError("simulated crash before the marker")  # ...and the job dies before the marker
 
     engine.save_checkpoint = crashing_save

@@ -12,11 +12,12 @@ def main() -> None:
     from pretrain.config import load_config
     from pretrain.distributed import init_process_group, resolve_launch_env
     from pretrain.engine import build_engine
+    from pretrain.tasks.simmim import SimMIMTask
 
     cfg = load_config(None, sys.argv[1:])
     launch = resolve_launch_env()
     init_process_group("gloo", 2)
-    engine = build_engine(cfg, launch.world_size, steps_per_epoch=10)
+    engine, _ = build_engine(cfg, launch.world_size, steps_per_epoch=10, task=SimMIMTask(cfg))
     params = list(engine.module.parameters())
     full = sum(p.ds_numel for p in params)
     local_params = sum(p.ds_tensor.numel() for p in params)

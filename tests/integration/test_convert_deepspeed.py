@@ -6,6 +6,7 @@ Run as a script, this file is the worker: ``python tests/test_convert_deepspeed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -340,6 +341,87 @@ def test_universal_resumes_at_world_size_1(run_dir, capsys):
     for key, value in reference["weights"].items():
         assert torch.equal(resumed["weights"][key], value), key
     assert (resumed["output"] - reference["output"]).abs().max().item() <= 1e-5
+
+
+def _error_line(err: str) -> str:
+    """The tool's one error line (DeepSpeed's own progress bars may come before it on stderr)."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _copy_of(out: Path, tmp_path: Path, name: str) -> Path:
+    """A copy of the run's complete step-2, to damage."""
+    copy = tmp_path / name / "checkpoints" / "step-2"
+    shutil.copytree(out / "checkpoints" / "step-2", copy)
+    return copy
+
+
+@pytest.mark.parametrize("run_dir", [2], ids=["zero2"], indirect=True)
+def test_damaged_deepspeed_checkpoints_are_named_not_misread(run_dir, tmp_path, capsys):
+    """A truncated or garbled shard, optimizer shards deleted from a ZeRO-2 checkpoint (new marker and a marker from
+    before the file list), and a checkpoint pruned while it is converted: one line naming the file, exit 2."""
+    _, out = run_dir
+    target = tmp_path / "x.safetensors"
+    shard = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+
+    truncated = _copy_of(out, tmp_path, "truncated")
+    size = (truncated / shard).stat().st_size
+    with open(truncated / shard, "r+b") as handle:
+        handle.truncate(size - 1000)
+    for argv in (["consolidate", str(truncated), "-o", str(target)], ["universal", str(truncated)]):
+        assert convert.main(argv) == 2
+        err = _error_line(capsys.readouterr().err)
+        assert f"{shard} is {size - 1000} bytes, the COMPLETE marker records {size} (cut short or overwritten)" in err
+        assert str(truncated) in err
+
+    # Same size, garbled content (its zip directory overwritten): found when DeepSpeed fails to read it.
+    garbled = _copy_of(out, tmp_path, "garbled")
+    with open(garbled / shard, "r+b") as handle:
+        handle.seek(size - 300)
+        handle.write(b"\x00" * 300)
+    assert convert.main(["consolidate", str(garbled), "-o", str(target)]) == 2
+    assert f"{garbled}: {shard} is damaged (BadZipFile" in _error_line(capsys.readouterr().err)
+
+    # ZeRO-2 whose optimizer shards (the fp32 weights) were deleted: not read as a stage-0 checkpoint.
+    for name, old_marker in (("no-shards", False), ("no-shards-old-marker", True)):
+        tag_dir = _copy_of(out, tmp_path, name)
+        for path in tag_dir.glob("*optim_states.pt"):
+            path.unlink()
+        if old_marker:  # the marker as written before it listed the files: checked structurally
+            meta = json.loads((tag_dir / "COMPLETE").read_text())
+            (tag_dir / "COMPLETE").write_text(json.dumps({k: meta[k] for k in ("step", "world_size", "zero_stage")}))
+        for argv in (["consolidate", str(tag_dir), "-o", str(target)], ["universal", str(tag_dir)]):
+            assert convert.main(argv) == 2
+            err = _error_line(capsys.readouterr().err)
+            assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in err and "missing" in err, err
+            if old_marker:
+                assert "are missing (ZeRO-2 at world size 2 writes one per rank)" in err
+            assert "stage 0" not in err
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("run_dir", [2], ids=["zero2"], indirect=True)
+def test_checkpoint_pruned_while_converted_says_so(run_dir, tmp_path, capsys, monkeypatch):
+    """The training run prunes the checkpoint (marker first, then the folder) while consolidate reads it."""
+    _, out = run_dir
+    tag_dir = _copy_of(out, tmp_path, "pruned")
+    real_load = torch.load
+    pruned = []
+
+    def load_then_prune(*args, **kwargs):
+        if not pruned:  # the prune lands after the conversion started reading
+            (tag_dir / "COMPLETE").unlink()
+            shutil.rmtree(tag_dir)
+            pruned.append(True)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load_then_prune)
+    target = tmp_path / "x.safetensors"
+    assert convert.main(["consolidate", str(tag_dir), "-o", str(target)]) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert pruned and f"{tag_dir} was removed while consolidating it: its COMPLETE marker is gone" in err
+    assert "pruned it (it keeps checkpoint.keep_last checkpoints)" in err and not target.exists()
 
 
 def test_real_trainer_checkpoint_lifecycle(tmp_path, capsys):

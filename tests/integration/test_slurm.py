@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 PYTHON = str(Path(os.sys.executable))
+GRACE_TIME = 60  # seconds a preempted job has to save (the `debug` partition's GraceTime)
 
 
 def _start_cluster(workdir: Path, nodes: int) -> dict[str, str]:
@@ -30,7 +31,11 @@ def _start_cluster(workdir: Path, nodes: int) -> dict[str, str]:
             pytest.fail("SLURM is not installed and this is not root: CI must be able to install it")
         pytest.skip("SLURM tests need root (to install slurm-wlm and munge) or an installed SLURM")
     proc = subprocess.run(
-        ["bash", str(CLUSTER), "start", str(workdir), str(nodes)], capture_output=True, text=True, timeout=600
+        ["bash", str(CLUSTER), "start", str(workdir), str(nodes)],
+        env={**os.environ, "GRACE_TIME": str(GRACE_TIME)},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     conf = re.search(r"export SLURM_CONF=(\S+)", proc.stdout)
@@ -151,6 +156,50 @@ def _seconds(stamp: str) -> float:
     return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
 
 
+def _release_requeued(env: dict[str, str], job_id: str, log: Path) -> None:
+    """Wait until the job has been requeued once, then release it from SLURM's hold (reason BeginTime)."""
+    deadline = time.time() + 300
+    info = _job(env, job_id)
+    while time.time() < deadline:
+        info = _job(env, job_id)
+        if info.get("Restarts", "0") != "0" or info.get("JobState") in DONE:
+            break
+        time.sleep(0.3)
+    assert info.get("Restarts") == "1", log.read_text()[-3000:]
+    # Not at once: slurmd revokes the old run's job credential with one-second resolution, and a restart within the
+    # same second is refused ("Job credential revoked") and fails the job. SLURM's own BeginTime hold avoids this.
+    time.sleep(3)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+
+
+def _resumed_after_signal(env: dict[str, str], job_id: str, log: Path, run: Path) -> tuple[str, str]:
+    """After a stop signal: checks that the first run saved a complete checkpoint, that every rank exited 75 (none
+    killed, no data loader worker dead of the signal) and that the job was requeued; releases it, waits for the
+    requeued run to resume from that checkpoint and take the next step, then cancels the job (the runs are long so
+    that no signal can come too late; the rest of the run would prove nothing new). Returns (the signals the trainer
+    reported, the first run's output)."""
+    _release_requeued(env, job_id, log)
+    deadline = time.time() + 300
+    pattern = re.compile(r"resumed from .* at step=(\d+).*?\nstep=(\d+)/", re.S)
+    while time.time() < deadline and not pattern.search(log.read_text()):
+        time.sleep(0.3)
+    subprocess.run(["scancel", job_id], env=env, check=True)
+    info = _wait_state(env, job_id, DONE)
+    text = log.read_text()
+    assert info["Restarts"] == "1", text[-4000:]
+    saved = re.search(r"preempted \(([A-Z0-9, ]+)\): complete checkpoint saved at step=(\d+)", text)
+    assert saved, text[-4000:]
+    step = int(saved.group(2))
+    assert (run / "checkpoints" / f"step-{step}" / "COMPLETE").is_file()
+    assert f"resumed from {run / 'checkpoints' / f'step-{step}'} at step={step}" in text, text[-4000:]
+    first_run, second_run = text.split("resumed from", 1)
+    assert int(re.search(r"\nstep=(\d+)/", second_run).group(1)) == step + 1, second_run[:3000]
+    assert "tasks 0-1: Exited with exit code 75" in first_run, first_run[-3000:]
+    assert "forcing job termination" not in first_run and "killed by signal" not in first_run, first_run[-3000:]
+    assert f"requeueing job {job_id} (checkpoint saved after " in first_run, first_run[-3000:]
+    return saved.group(1), first_run
+
+
 def test_launch_wait_keeps_exit_code_when_signal_and_exit_coincide() -> None:
     """slurm/common.sh's slurm_launch: a USR1 that arrives just as the launcher exits 75 must not turn into 138.
 
@@ -176,6 +225,30 @@ def test_launch_wait_keeps_exit_code_when_signal_and_exit_coincide() -> None:
     """
     proc = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "wrong=0" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_launcher_has_its_own_session_and_sigterm_deaths_are_requeued() -> None:
+    """slurm/common.sh without SLURM daemons: the launcher runs outside the batch shell's process group (which
+    `scancel --full` signals: srun would kill its tasks), and exit 143 (ranks ended by a SIGTERM that reached the steps
+    only, during start-up) is requeued while other crashes are not."""
+    script = r"""
+        SCRIPT_NAME=test SLURM_JOB_ID=7
+        forward_signal() { return 0; }
+        scontrol() { echo "scontrol $*"; }
+        source slurm/common.sh
+        batch_group="$(ps -o pgid= -p $$)"
+        slurm_launch bash -c '[[ "$(ps -o sid= -p $$)" -eq $$ && "$(ps -o pgid= -p $$)" -ne "$1" ]]' _ "$batch_group"
+        echo "own session rc=$rc"
+        (slurm_finish 143); echo "finish 143 exit=$?"
+        (slurm_finish 1); echo "finish 1 exit=$?"
+    """
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert "own session rc=0" in out, out
+    assert "requeueing job 7 (the ranks were ended by SIGTERM (exit 143) before they could save" in out, out
+    assert "scontrol requeue 7" in out and "finish 143 exit=0" in out, out
+    assert "training failed with exit code 1; not requeued" in out and "finish 1 exit=1" in out, out
+    assert out.count("scontrol requeue") == 1, out
 
 
 def test_one_node_two_tasks_trains_and_checkpoints(one_node: dict[str, str], images: Path, tmp_path: Path) -> None:
@@ -230,18 +303,7 @@ def test_preemption_saves_requeues_and_resumes(one_node: dict[str, str], images:
     job_id = _sbatch(one_node, log, ["--nodes=1", "--ntasks-per-node=2"], job_args)
     _wait_for_step(log, 3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=one_node, check=True)
-    # The job is requeued and held (BeginTime) by SLURM: release it at once.
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        info = _job(one_node, job_id)
-        if info.get("Restarts", "0") != "0" or info.get("JobState") in DONE:
-            break
-        time.sleep(0.3)
-    assert info.get("Restarts") == "1", log.read_text()[-3000:]
-    # Not at once: slurmd revokes the old run's job credential with one-second resolution, and a restart within the
-    # same second is refused ("Job credential revoked") and fails the job. SLURM's own BeginTime hold avoids this.
-    time.sleep(3)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=one_node, check=True)
+    _release_requeued(one_node, job_id, log)
     info = _wait_state(one_node, job_id, DONE)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
@@ -273,6 +335,78 @@ def test_sigterm_saves_and_restart_cap_stops_requeue(one_node: dict[str, str], i
         "(MAX_RESTARTS=0)" in text
     ), text[-3000:]
     assert "requeueing job" not in text
+
+
+def test_sigterm_to_every_step_process_saves_requeues_and_resumes(
+    one_node: dict[str, str], images: Path, tmp_path: Path
+) -> None:
+    """`scancel --signal=TERM <job>` sends SIGTERM to every process of the job's steps at once, each rank and its two
+    data loader workers, but not to the batch shell: the ranks save and exit 75 on their own, srun returns 75 and the
+    script requeues; the requeued run resumes from that checkpoint."""
+    log, run = tmp_path / "job.out", tmp_path / "run"
+    job_id = _sbatch(
+        one_node, log, ["--nodes=1", "--ntasks-per-node=2"], [*_tiny_job(run, images, 500), "data.num_workers=2"]
+    )
+    _wait_for_step(log, 2)
+    subprocess.run(["scancel", "--signal=TERM", job_id], env=one_node, check=True)
+    signals, first_run = _resumed_after_signal(one_node, job_id, log, run)
+    assert signals == "SIGTERM", first_run[-3000:]
+    assert "received SIG" not in first_run  # the batch shell was not signalled
+    assert f"requeueing job {job_id} (checkpoint saved after a signal (exit 75)" in first_run, first_run[-3000:]
+
+
+def test_sigterm_to_batch_shell_and_steps_at_once_saves_requeues_and_resumes(
+    one_node: dict[str, str], images: Path, tmp_path: Path
+) -> None:
+    """SIGTERM to every process of the job at once: `scancel --full` (the batch shell's process group: the shell, the
+    launcher's wrapper and, were it there, srun) together with the steps (every rank and its data loader worker). srun
+    must not get it (it would kill its tasks): the shell passes USR1 on through srun while the ranks have their own
+    SIGTERM, both mean "save"; the ranks exit 75 and the job is requeued and resumes."""
+    log, run = tmp_path / "job.out", tmp_path / "run"
+    job_id = _sbatch(
+        one_node, log, ["--nodes=1", "--ntasks-per-node=2"], [*_tiny_job(run, images, 500), "data.num_workers=1"]
+    )
+    _wait_for_step(log, 2)
+    subprocess.run(["scancel", "--full", "--signal=TERM", job_id], env=one_node, check=True)
+    subprocess.run(["scancel", "--signal=TERM", job_id], env=one_node, check=True)
+    signals, first_run = _resumed_after_signal(one_node, job_id, log, run)
+    assert "SIGTERM" in signals and set(signals.split(", ")) <= {"SIGTERM", "SIGUSR1"}, first_run[-3000:]
+    assert "received SIGTERM: asking every rank to save a checkpoint" in first_run, first_run[-3000:]
+    assert f"requeueing job {job_id} (checkpoint saved after SIGTERM (exit 75)" in first_run, first_run[-3000:]
+
+
+def test_preemption_by_urgent_partition_saves_within_grace_time(
+    one_node: dict[str, str], images: Path, tmp_path: Path
+) -> None:
+    """A real preemption (tests/slurm/cluster.sh: partition `urgent` preempts `debug`, PreemptMode=REQUEUE, GraceTime
+    60 s): the processes of the running job's steps get SIGCONT + SIGTERM at once, its ranks save and exit 75 well
+    within the grace time, the script requeues it, the urgent job runs, and the requeued job resumes from the
+    checkpoint."""
+    log, run = tmp_path / "job.out", tmp_path / "run"
+    job_id = _sbatch(
+        one_node, log, ["--nodes=1", "--ntasks-per-node=2"], [*_tiny_job(run, images, 500), "data.num_workers=1"]
+    )
+    _wait_for_step(log, 2)
+    urgent_log = tmp_path / "urgent.out"
+    urgent_cmd = ["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--time=5", f"--output={urgent_log}"]
+    urgent = subprocess.run(
+        [*urgent_cmd, "--wrap", "echo urgent job ran"],
+        env=one_node,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert urgent.returncode == 0, urgent.stderr
+    urgent_id = urgent.stdout.strip().split(";")[0]
+    urgent_info = _wait_state(one_node, urgent_id, DONE, timeout=300)
+    assert urgent_info["JobState"] == "COMPLETED" and "urgent job ran" in urgent_log.read_text(), urgent_info
+    # The urgent job got the node when the preempted job had saved and ended, not when SLURM killed it at the end
+    # of the grace time.
+    waited = _seconds(urgent_info["StartTime"]) - _seconds(urgent_info["SubmitTime"])
+    assert waited < GRACE_TIME, (urgent_info, log.read_text()[-3000:])
+    signals, first_run = _resumed_after_signal(one_node, job_id, log, run)
+    # SIGTERM straight to the ranks; SLURM 22.05 leaves the batch shell out (SIGUSR1 would mean the shell had it too).
+    assert "SIGTERM" in signals, first_run[-3000:]
 
 
 def test_bad_config_fails_fast_and_is_not_requeued(one_node: dict[str, str], tmp_path: Path) -> None:

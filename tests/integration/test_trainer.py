@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -435,3 +437,76 @@ def test_set_aside_later_moves_later_complete_checkpoints_and_their_universal_co
     (ckpt / "step-5" / "COMPLETE").write_text("{}")
     again, moved = set_aside_later(ckpt, 2)
     assert moved == ["step-5"] and again != dest and (again / "step-5" / "COMPLETE").is_file()
+
+
+def _start_in_own_group(args: list[str], log: Path) -> subprocess.Popen:
+    """``python -m pretrain ARGS`` as one rank in a new process group (as a shell job or a SLURM step is)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log, "w")  # noqa: SIM115 - owned by the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "pretrain", *args],
+        cwd=REPO,
+        env=rank_env(0, 1, free_port()),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and text not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    assert text in log.read_text(), log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_signal_to_the_whole_process_group_saves_with_data_workers(
+    tmp_path: Path, images: Path, signum: int, code: int
+) -> None:
+    """SLURM's preemption, scancel and node drain, and Ctrl-C in a terminal, signal every process of the job, data
+    workers included: the workers ignore it, the trainer saves at the step boundary and exits 75 (130 for SIGINT).
+    A second run in the same directory meanwhile is refused with exit code 2, naming the holder."""
+    run_dir, log = tmp_path / "run", tmp_path / "logs" / "rank0.log"
+    args = tiny_overrides(
+        run_dir, images, **{"training.max_steps": 100000, "data.num_workers": 2, "logging.log_every": 1}
+    )
+    proc = _start_in_own_group(args, log)
+    try:
+        _wait_for(log, "step=2/", proc)
+        if signum == signal.SIGTERM:
+            second = subprocess.run(
+                [sys.executable, "-m", "pretrain", *args],
+                cwd=REPO,
+                env=rank_env(0, 1, free_port()),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert second.returncode == 2, second.stderr[-3000:]
+            assert "is in use by another run" in second.stderr and f"pid {proc.pid}" in second.stderr
+        os.killpg(proc.pid, signum)
+        assert proc.wait(timeout=120) == code, log.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "is killed by signal" not in text and "Traceback" not in text, text[-3000:]
+    assert f"exiting with code {code}" in text
+    saved = sorted((run_dir / "checkpoints").glob("step-*/COMPLETE"))
+    assert saved, text
+    assert not (run_dir / "run.lock").exists()  # released on the way out
+
+
+def test_a_rank_failing_its_start_up_checks_stops_every_rank_within_seconds(tmp_path: Path, images: Path) -> None:
+    """Rank 0 alone prepares the run directory; here it is a file. Rank 1 learns it through the start-up agreement
+    instead of waiting for the collective timeout, and exits with rank 0's code."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file")
+    start = time.time()
+    codes = run_ranks(tiny_overrides(blocker, images), 2, tmp_path / "logs", timeout=300)
+    assert codes == [2, 2], log_text(tmp_path / "logs", 1)
+    assert f"training.output_dir={str(blocker)!r} is a file" in log_text(tmp_path / "logs", 0)
+    assert "rank 0 failed its start-up checks (exit code 2)" in log_text(tmp_path / "logs", 1)
+    assert time.time() - start < 120  # the collective timeout is 2 minutes in tiny_overrides

@@ -4,6 +4,10 @@
 #   bash tests/slurm/cluster.sh stop DIR
 # start installs slurm-wlm and munge when missing (root; apt-get), writes DIR/slurm.conf, starts munged (if not
 # running), slurmctld and one slurmd per node, waits until every node is idle and prints `export SLURM_CONF=...`.
+# Two partitions on the same nodes: `debug` (the default) and `urgent`, whose jobs preempt debug's (partition priority)
+# with PreemptMode=REQUEUE and a grace time of $GRACE_TIME s (env, default 60): the processes of the preempted job's
+# steps get SIGCONT + SIGTERM at once (on SLURM 22.05 not the batch shell), everything left is killed at the end of
+# the grace time, and the job is requeued.
 # With 2 nodes it adds `127.0.0.1 nN` lines to /etc/hosts for the node names that do not resolve there yet.
 # Everything it starts or adds is recorded in DIR: the pid files of the daemons (munged.pid only when it started
 # munged) and DIR/hosts.added. stop undoes exactly that: it stops those daemons by pid (never by process name; a pid
@@ -15,6 +19,11 @@ dir="${2:?usage: cluster.sh start|stop DIR [NODES]}"
 nodes="${3:-1}"
 host="$(hostname)"
 hosts_file="${HOSTS_FILE:-/etc/hosts}" # another file only to test this script
+grace="${GRACE_TIME:-60}"
+if [[ ! "$grace" =~ ^[0-9]+$ ]]; then
+    echo "[slurm-cluster] GRACE_TIME must be a whole number of seconds, not '$grace'" >&2
+    exit 2
+fi
 
 log() { echo "[slurm-cluster] $*" >&2; }
 
@@ -86,10 +95,12 @@ SlurmdSpoolDir=$dir/spool-%n
 SlurmdLogFile=$dir/slurmd-%n.log
 SchedulerParameters=batch_sched_delay=0
 MinJobAge=600
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 CONF
     if (( nodes == 1 )); then
         echo "NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN" >> "$dir/slurm.conf"
-        echo "PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES" >> "$dir/slurm.conf"
+        partitions "$host"
     else
         local names=()
         for i in $(seq 1 "$nodes"); do
@@ -103,8 +114,16 @@ CONF
         done
         local joined
         joined=$(IFS=,; echo "${names[*]}")
-        echo "PartitionName=debug Nodes=$joined Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES" >> "$dir/slurm.conf"
+        partitions "$joined"
     fi
+}
+
+# $1: the nodes. A job in `urgent` that needs resources held by a `debug` job preempts it (see the header).
+partitions() {
+    cat >> "$dir/slurm.conf" <<CONF
+PartitionName=debug Nodes=$1 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=$grace
+PartitionName=urgent Nodes=$1 MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
+CONF
 }
 
 start() {

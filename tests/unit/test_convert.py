@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -667,7 +668,7 @@ def test_simmim_parts_are_checked(official_simmim_file, tmp_path, capsys):
 def test_force_on_a_directory_keeps_the_old_one_until_the_new_is_in_place(backbone_file, tmp_path, monkeypatch):
     import os
 
-    from pretrain import formats
+    from pretrain import atomic
 
     path, _ = backbone_file
     out = tmp_path / "hf"
@@ -684,14 +685,14 @@ def test_force_on_a_directory_keeps_the_old_one_until_the_new_is_in_place(backbo
             raise OSError("simulated crash while renaming")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(formats.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
     with pytest.raises(OSError, match="simulated crash"):
         convert.export("hf", path, out, force=True)
     assert seen == [["old"]]
     assert (out / "old.txt").read_text() == "old" and not (out / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"], "temporary or set-aside copies left behind"
 
-    monkeypatch.setattr(formats.os, "replace", real_replace)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
     convert.export("hf", path, out, force=True)
     assert (out / "config.json").is_file() and not (out / "old.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
@@ -845,3 +846,45 @@ def test_hf_refuses_what_it_cannot_express(tmp_path, capsys):
 
             # Without metadata, the image size is read from the embedding's length (one row per patch).
             assert infer_spec(model.state_dict()).img_size == PRE_IMG
+
+
+# ------------------------------------------------------------------------------------------- damaged inputs
+def test_damaged_files_get_one_line_naming_them(backbone_file, tmp_path, capsys):
+    """Corrupt or truncated safetensors, an empty .pth, a truncated .pth and random bytes: exit 2, one line naming
+    the file and what is wrong with it; never the --trust-pickle advice, which is for intact pickles."""
+    path, model = backbone_file
+    pth = tmp_path / "good.pth"
+    torch.save(model.state_dict(), pth)
+    data, pth_data = path.read_bytes(), pth.read_bytes()
+    damaged = {
+        "cut.safetensors": (data[: len(data) // 2], "not a readable safetensors file"),
+        "garbage.safetensors": (bytes(range(256)) * 40, "not a readable safetensors file"),
+        "empty.pth": (b"", "the file is empty (0 bytes); it was cut short or never written"),
+        "cut.pth": (pth_data[: len(pth_data) // 2], "not a torch checkpoint: neither a zip archive"),
+        "random.pth": (os.urandom(5000), "not a torch checkpoint: neither a zip archive"),
+    }
+    out = tmp_path / "o.safetensors"
+    for name, (content, expected) in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        for argv in (
+            ["export", "--to", "timm", str(tmp_path / name), "-o", str(out)],
+            ["import", "--from", "official", str(tmp_path / name), "-o", str(out)],
+            ["inspect", str(tmp_path / name)],
+        ):
+            err = _error(capsys, argv)
+            assert err.startswith(f"error: {tmp_path / name}: ") and expected in err, (name, err)
+            assert len(err.strip().splitlines()) == 1 and "--trust-pickle" not in err and "Traceback" not in err
+    assert f"({len(data) // 2} bytes)" in _error(capsys, ["inspect", str(tmp_path / "cut.safetensors")])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_exported_hf_directory_has_plain_mkdir_permissions(backbone_file, tmp_path, umask):
+    path, _ = backbone_file
+    previous = os.umask(umask)
+    try:
+        assert convert.main(["export", "--to", "hf", str(path), "-o", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "hf" / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,21 +1,19 @@
 """In-process units of the trainer (no processes needed): DeepSpeed config generation, the learning-rate schedule,
-the optimizer choice with and without apex, the fp16 loss-scale accessor, the peak-FLOPs table and the JSONL trim."""
+the optimizer choice with and without apex and the fp16 loss-scale accessor. The metrics units (peak-FLOPs table,
+JSONL trim) are in test_metrics.py."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain.config import load_config
 from pretrain.engine import deepspeed_config, loss_scale
-from pretrain.metrics import gpu_peak_tflops, peak_flops, trim_jsonl
-from pretrain.optim import LRSchedule, build_optimizer, lr_scale_factor
+from pretrain.optim import LRSchedule, SkippableAdamW, build_optimizer, lr_scale_factor
 
 
 def test_deepspeed_config_from_typed_config() -> None:
@@ -120,12 +118,12 @@ def test_apex_absent_falls_back_to_torch_adamw(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "apex.optimizers", None)
     cfg = load_config(None, [])
     cuda = build_optimizer(_groups(), cfg, "cuda")
-    assert type(cuda) is torch.optim.AdamW and cuda.defaults["fused"]
+    assert type(cuda) is SkippableAdamW and cuda.defaults["fused"]
     cpu = build_optimizer(_groups(), cfg, "cpu")
-    assert type(cpu) is torch.optim.AdamW and cpu.defaults["fused"]
+    assert type(cpu) is SkippableAdamW and cpu.defaults["fused"]
     offload = load_config(None, ["distributed.offload_optimizer=true"])
     offloaded = build_optimizer(_groups(), offload, "cuda")  # the update runs on the CPU: torch's CPU kernel
-    assert type(offloaded) is torch.optim.AdamW and offloaded.defaults["fused"]
+    assert type(offloaded) is SkippableAdamW and offloaded.defaults["fused"]
 
 
 def test_apex_fused_adam_is_used_when_importable_and_skipped_when_unbuilt(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,8 +138,9 @@ def test_apex_fused_adam_is_used_when_importable_and_skipped_when_unbuilt(monkey
     monkeypatch.setitem(sys.modules, "apex", apex)
     monkeypatch.setitem(sys.modules, "apex.optimizers", apex.optimizers)  # type: ignore[attr-defined]
     cfg = load_config(None, [])
-    assert type(build_optimizer(_groups(), cfg, "cuda")) is FusedAdam
-    assert type(build_optimizer(_groups(), cfg, "cpu")) is torch.optim.AdamW
+    fused = build_optimizer(_groups(), cfg, "cuda")
+    assert isinstance(fused, FusedAdam) and not isinstance(fused, SkippableAdamW)  # apex's, made skippable
+    assert type(build_optimizer(_groups(), cfg, "cpu")) is SkippableAdamW
 
     class Unbuilt(FusedAdam):  # apex installed without its CUDA extensions raises at construction
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -149,7 +148,7 @@ def test_apex_fused_adam_is_used_when_importable_and_skipped_when_unbuilt(monkey
 
     apex.optimizers.FusedAdam = Unbuilt  # type: ignore[attr-defined]
     fallback = build_optimizer(_groups(), cfg, "cuda")
-    assert type(fallback) is torch.optim.AdamW and fallback.defaults["fused"]
+    assert type(fallback) is SkippableAdamW and fallback.defaults["fused"]
 
 
 def test_fp16_loss_scale_of_deepspeed_zero0_optimizer() -> None:
@@ -180,42 +179,3 @@ def test_fp16_loss_scale_of_deepspeed_zero0_optimizer() -> None:
     assert loss_scale(engine) == 512.0
     assert loss_scale(types.SimpleNamespace(optimizer=optimizer)) == 512.0  # engines without the accessor
     assert math.isnan(loss_scale(types.SimpleNamespace(optimizer=torch.optim.AdamW(_groups()))))
-
-
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("NVIDIA A10G", ("A10G", 70.0)),
-        ("NVIDIA A10", ("A10", 125.0)),
-        ("NVIDIA A100-SXM4-80GB", ("A100", 312.0)),
-        ("NVIDIA H100 80GB HBM3", ("H100", 989.0)),
-        ("NVIDIA H100 PCIe", ("H100 PCIe", 756.0)),
-        ("NVIDIA H100 NVL", ("H100 NVL", 835.0)),
-        ("NVIDIA GH200 480GB", ("GH200", 989.0)),
-        ("NVIDIA H200", ("H200", 989.0)),
-        ("NVIDIA L4", ("L4", 121.0)),
-        ("NVIDIA L40S", ("L40S", 362.0)),
-        ("Tesla V100-SXM2-32GB", ("V100", 125.0)),
-        ("Tesla T4", None),
-    ],
-)
-def test_gpu_peak_table_matches_whole_names(name: str, expected: tuple[str, float] | None) -> None:
-    hit = gpu_peak_tflops(name)
-    assert (None if hit is None else (hit[1], hit[0])) == expected
-
-
-def test_cpu_peak_is_measured_in_the_compute_dtype() -> None:
-    cpu = torch.device("cpu")
-    for dtype, label in ((torch.bfloat16, "bfloat16"), (torch.float32, "float32")):
-        flops, source = peak_flops(cpu, dtype)
-        assert source == f"measured {label} matmul"
-        assert math.isfinite(flops) and flops > 1e8
-
-
-def test_trim_jsonl_drops_records_past_the_resume_step(tmp_path: Path) -> None:
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
-    assert trim_jsonl(path, 3) == 3  # steps 4 and 5, and the line torn by a kill
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
-    assert trim_jsonl(path, 3) == 0 and trim_jsonl(tmp_path / "absent.jsonl", 0) == 0

@@ -178,34 +178,110 @@ def test_force_removes_partial_files_of_a_crashed_run(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == [*sorted(report["shards"]), "sizes.json"]
 
 
-def test_interrupted_write_leaves_nothing_and_keeps_the_old_set(
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def test_interrupted_pack_resumes_to_the_same_output_and_keeps_the_old_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src, out = tmp_path / "src", tmp_path / "out"
+    src, out, reference = tmp_path / "src", tmp_path / "out", tmp_path / "reference"
     make_folder(src)
-    real_encode = shards._encode
+    write_shards(src, reference, maxcount=2, progress=False)
+    real_encode = shards.encode.encode_file
     calls = []
 
-    def encode_then_interrupt(path: Path) -> tuple[str, bytes]:
-        calls.append(path)
-        # Files in order: cat/a.jpg, cat/b.png (shard 0), cat/broken.jpg (unreadable), dog/c.webp (shard 1), then
-        # the interruption while shard 1 is open.
-        if len(calls) == 5:
+    def encode_then_interrupt(task: tuple) -> object:
+        calls.append(task)
+        # Files in order: cat/a.jpg, cat/b.png (shard 0), cat/broken.jpg (unreadable), dog/c.webp, dog/deep/d.bmp
+        # (shard 1), dog/g.jpg (shard 2, which completes shard 1), e.jpeg: interrupted while encoding that one.
+        if len(calls) == 7:
             raise KeyboardInterrupt
-        return real_encode(path)
+        return real_encode(task)
 
-    monkeypatch.setattr(shards, "_encode", encode_then_interrupt)
+    monkeypatch.setattr(shards.encode, "encode_file", encode_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_shards(src, out, maxcount=2, progress=False)
-    assert not out.exists()  # created by the interrupted run, so removed with what it wrote
-
-    # --force over a finished set: an interruption before the new set is complete keeps the old set byte for byte.
-    monkeypatch.setattr(shards, "_encode", real_encode)
-    write_shards(src, out, maxcount=4, progress=False)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(before) == ["shard-000000.tar", "shard-000001.tar", "sizes.json"]
+    staged = out / shards.STAGING
+    # Complete shards are staged under their final names, the open one (a .tmp) is gone; nothing is installed.
+    assert sorted(p.name for p in out.iterdir()) == [shards.STAGING]
+    assert sorted(p.name for p in staged.iterdir()) == ["progress.json", "shard-000000.tar", "shard-000001.tar"]
+    # Run again with the same arguments: the two complete shards are kept, files 5.. are encoded, same bytes.
     calls.clear()
-    monkeypatch.setattr(shards, "_encode", encode_then_interrupt)
+    monkeypatch.setattr(shards.encode, "encode_file", lambda task: calls.append(task) or real_encode(task))
+    report = write_shards(src, out, maxcount=2, progress=False)
+    assert report["resumed_shards"] == 2 and [c[0] for c in calls] == [5, 6, 7]
+    assert report["unreadable"] == [str(src / "cat" / "broken.jpg")]
+    assert shard_bytes(out) == shard_bytes(reference)
+
+    # --force over a finished set: an interruption keeps the old set byte for byte (the staging folder aside);
+    # other arguments than the interrupted pack's start over.
+    before = shard_bytes(out)
+    calls.clear()
+    monkeypatch.setattr(shards.encode, "encode_file", encode_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        write_shards(src, out, maxcount=2, force=True, progress=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        write_shards(src, out, maxcount=1, force=True, progress=False)
+    assert shard_bytes(out) == before and (out / shards.STAGING / "progress.json").is_file()
+    monkeypatch.setattr(shards.encode, "encode_file", real_encode)
+    report = write_shards(src, out, maxcount=3, force=True, progress=False)
+    assert report["resumed_shards"] == 0 and sorted(report["shards"]) == [f"shard-00000{i}.tar" for i in range(3)]
+    assert not (out / shards.STAGING).exists()
+
+
+def test_parallel_pack_equals_serial_and_maxsize_rotates(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_folder(src)
+    one = write_shards(src, tmp_path / "one", maxcount=2, progress=False)
+    two = write_shards(src, tmp_path / "two", maxcount=2, progress=False, workers=2)
+    assert one == two and shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+    # --maxsize: a shard is closed before a sample would take it past the limit (tar records of 10 KiB included).
+    sized = write_shards(src, tmp_path / "sized", maxcount=100, progress=False, maxsize=20 * 1024)
+    assert all(path.stat().st_size <= 20 * 1024 for path in (tmp_path / "sized").glob("shard-*.tar"))
+    assert sum(sized["shards"].values()) == 7 and len(sized["shards"]) > 1
+
+
+def test_max_side_reencodes_large_images_and_reports_the_bytes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(src / "big.png")
+    Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(src / "small.png")
+    report = write_shards(src, tmp_path / "out", progress=False, max_side=100, jpeg_quality=80)
+    found = read_back(tmp_path / "out")
+    assert found["big.png"][:2] == ("jpg", (100, 75)) and found["small.png"][:2] == ("png", (30, 40))
+    big = (src / "big.png").stat().st_size
+    assert report["reencoded"] == 1 and report["bytes_in"] == big and 0 < report["bytes_out"] < big
+
+
+def test_sixteen_bit_and_alpha_images_are_packed_as_the_loaders_see_them(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    gray = np.full((20, 24), 40000, dtype=np.uint16)
+    Image.fromarray(gray).save(src / "deep.tif")  # 16-bit TIFF: converted to PNG, scaled not clipped
+    Image.new("RGBA", (16, 16), (255, 0, 0, 0)).save(src / "clear.tif")  # fully transparent red
+    write_shards(src, tmp_path / "out", progress=False)
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        images = {
+            m.name: Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+            for m in tar.getmembers()
+            if m.name.endswith(".png")
+        }
+    pixels = sorted(tuple(image.getpixel((0, 0))) for image in images.values())
+    # 40000 x 255 / 65535 = 155.6 -> 156 (PIL's own conversion clips it to 255); transparency composited on white.
+    assert pixels == [(156, 156, 156), (255, 255, 255)]
+
+
+def test_labels_write_classes_json_and_refuse_loose_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "src"
+    make_folder(src)
+    assert main([str(src), str(tmp_path / "bad"), "--labels", "--no-progress"]) == 2
+    assert "outside class folders" in capsys.readouterr().err
+    for loose in ("e.jpeg", "f.tif", "notes.txt"):
+        (src / loose).unlink()
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(["ant", "cat", "dog"]))
+    assert main([str(src), str(tmp_path / "out"), "--labels", "--classes", str(classes), "--no-progress"]) == 0
+    assert "classes.json" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["ant", "cat", "dog"]
+    found = read_back(tmp_path / "out")
+    assert found["cat/a.jpg"][2] == 1 and found["dog/deep/d.bmp"][2] == 2

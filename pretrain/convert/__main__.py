@@ -1,0 +1,7 @@
+"""``python -m pretrain.convert``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""SimMIM pretraining as a task of the generic trainer: masked-image reconstruction with an L1 loss."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..data import DataSource, build_pretrain_loader, resolve_source
+from ..metrics import count_forward_flops
+from ..simmim import SimMIM, build_simmim, simmim_param_groups
+from . import Batch
+
+if TYPE_CHECKING:
+    from swinv2 import SwinTransformerV2
+
+    from ..config import PretrainConfig
+    from ..metrics import MetricsLogger
+
+__all__ = ["SimMIMTask"]
+
+
+class SimMIMTask:
+    """SimMIM pretraining of a SwinV2 backbone (spec §3).
+
+    Args:
+        cfg: the resolved pretraining configuration.
+    """
+
+    name = "simmim"
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+        self.source: DataSource | None = None  # resolved once, by resolve_data
+
+    def build_model(self) -> SimMIM:
+        return build_simmim(self.cfg)
+
+    def backbone(self, model: nn.Module) -> SwinTransformerV2:
+        return model.encoder  # type: ignore[return-value]
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return simmim_param_groups(model, self.cfg)  # type: ignore[arg-type]
+
+    def resolve_data(self, world_size: int) -> int:
+        # Listed (or its index read) once per run: each epoch's loader reuses it.
+        self.source = resolve_source(self.cfg.data, world_size)
+        return self.source.steps_per_epoch(self.cfg.data.batch_size, world_size)
+
+    def batches(self, *, rank: int, world_size: int, epoch: int, start_step: int) -> Iterable[Batch]:
+        return build_pretrain_loader(
+            self.cfg, self.source, rank=rank, world_size=world_size, epoch=epoch, start_step=start_step
+        )
+
+    @staticmethod
+    def _inputs(batch: Batch, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["images"].to(device, dtype=dtype, non_blocking=True)
+        return images, batch["mask"].to(device, non_blocking=True)
+
+    def loss(self, engine: Any, batch: Batch, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return engine(*self._inputs(batch, device, dtype))
+
+    def samples(self, batch: Batch) -> int:
+        return int(batch["images"].shape[0])
+
+    def forward_flops(self, model: nn.Module, batch: Batch, device: torch.device, dtype: torch.dtype) -> float:
+        images, mask = self._inputs(batch, device, dtype)
+        return count_forward_flops(model, images[:1], mask[:1])
+
+    def log_images(self, engine: Any, batch: Batch, step: int, metrics: MetricsLogger) -> None:
+        every = self.cfg.logging.image_every
+        if not every or step % every:
+            return
+        images, mask = self._inputs(batch, engine.device, batch["images"].dtype)
+        with torch.no_grad():
+            _, reconstruction = engine.module.reconstruct(images.to(_module_dtype(engine.module)), mask)
+        metrics.log_images(
+            step,
+            images,
+            mask,
+            reconstruction,
+            list(self.cfg.data.mean),
+            list(self.cfg.data.std),
+            self.cfg.model.patch_size,
+        )
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the engine runs the module in (DeepSpeed casts the whole module for bf16/fp16)."""
+    for parameter in module.parameters():
+        return parameter.dtype
+    return torch.float32
