@@ -1,151 +1,234 @@
-"""Data-pipeline throughput against the model it feeds: can one worker keep up with a SwinV2-T SimMIM step?
+"""Data-pipeline throughput: the loaders per worker, against torchvision's ImageFolder, and the shard writer.
 
-Usage: python bench/data.py [--shards data/sample_shards] [--img 192] [--batch 8] [--seconds 4] [--rounds 3]
-                            [--threads N]
+Usage: python bench/data.py [--img 192] [--batch 16] [--seconds 4] [--copies 8] [--skip-model]
 
-Figures (images/s), all measured in this run on this machine:
-- decode+augment+mask, in process: JPEG/PNG/WebP bytes from the shards -> PIL decode -> RandomResizedCrop ->
-  flip -> normalise -> SimMIM mask, one image at a time (the per-image work of one worker process);
-- loader, 1 worker: the real ``build_pretrain_loader`` (tar reading, shuffle buffer, collation, transfer from the
-  worker process) with num_workers=1, batches of ``--batch``;
-- SwinV2-T SimMIM train step at ``--img``/w12, batch ``--batch`` (forward, masked L1 loss, backward, AdamW step),
-  fp32, after one warm-up step.
-The three run interleaved, one slice of each per round for ``--rounds`` rounds, and the best round of each is
-reported: the CPU is shared with other jobs, the best round is the least disturbed one and all three see the same load.
-The ratio loader / model step says how many model steps one worker feeds (>= 1: the GPU-less step is not starved).
-The sample photos (scikit-image's, about 512 px) are smaller than ImageNet's average (~400 x 350 px JPEG is similar);
-pass --shards to measure your own data. Shards are created with pretrain.sample_data when the folder is missing.
+Figures (images/s), all measured in this run on this machine, on scikit-image's sample photos (about 512 px;
+``--copies`` copies of each make the data set):
+- decode+augment+mask, in process: the per-image work of one worker (PIL decode -> RandomResizedCrop -> flip ->
+  normalise -> SimMIM mask);
+- build_pretrain_loader with one worker (tar reading, shuffle buffer, collation, transfer from the worker) from
+  local shards, from the same shards over HTTP (a local server, read through curl), and from a two-source mixture
+  (3:1) of two shard sets;
+- torchvision's ImageFolder + RandomResizedCrop + flip + normalise with one worker, on the same photos as files:
+  the reference point of a plain folder pipeline (no mask);
+- the shard writer (``pretrain.shards``) packing the folder with 1 and 2 worker processes;
+- unless --skip-model: the SwinV2-T SimMIM train step at ``--img`` (fp32, CPU threads), to say how many steps one
+  worker feeds.
+The CPU is shared with other jobs: each loader figure is the best of ``--rounds`` slices of ``--seconds``.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import contextlib
+import shutil
 import sys
-import tarfile
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PIL import Image
 
 from pretrain.config import PretrainConfig, load_config
-from pretrain.data import SHARD_IMAGE_KEYS, SimMIMTransform, build_pretrain_loader
-from pretrain.masking import MaskGenerator
-from pretrain.sample_data import write_sample_shards
-from pretrain.simmim import build_simmim
+from pretrain.data import (
+    SHARD_IMAGE_KEYS,
+    SimMIMTransform,
+    build_pretrain_loader,
+    decode_image,
+    resolve_source,
+    worker_context,
+)
+from pretrain.sample_data import sample_image_files
+from pretrain.shards import write_shards
+
+RECIPE = "configs/simmim_swinv2_tiny_192_w12.yaml"
 
 
-def shard_images(folder: Path) -> list[bytes]:
-    """Raw image entries of every shard in ``folder``."""
+def make_folder(root: Path, copies: int) -> Path:
+    """An ImageFolder layout (two classes) of ``copies`` copies of every sample photo."""
+    photos = sample_image_files()
+    for copy in range(copies):
+        for i, photo in enumerate(photos):
+            target = root / f"class{i % 2}" / f"{copy:03d}-{photo.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(photo, target)
+    return root
+
+
+def writer_rate(folder: Path, out: Path, workers: int) -> float:
+    """Images/s of the shard writer packing ``folder``."""
+    start = time.perf_counter()
+    report = write_shards(folder, out, maxcount=64, progress=False, workers=workers)
+    return report["written"] / (time.perf_counter() - start)
+
+
+def shard_blobs(folder: Path) -> list[bytes]:
+    import tarfile
+
     blobs = []
     for shard in sorted(folder.glob("shard-*.tar")):
         with tarfile.open(shard) as tar:
             for member in tar.getmembers():
                 if member.name.rpartition(".")[2] in SHARD_IMAGE_KEYS:
-                    blobs.append(tar.extractfile(member).read())
+                    blobs.append(tar.extractfile(member).read())  # type: ignore[union-attr]
     return blobs
 
 
-def transform_rate(transform: SimMIMTransform, blobs: list[bytes], rng: np.random.Generator, seconds: float) -> float:
-    """Images/s of decode + augment + mask in this process, for ``seconds``."""
-    # A DataLoader worker runs torch with one thread; so does this figure (with more, the OpenMP threads of the
-    # small normalise op spin against each other on a loaded machine and the figure drops several-fold).
+def transform_rate(cfg: PretrainConfig, blobs: list[bytes], seconds: float) -> float:
+    """Images/s of decode + augment + mask in this process, with one torch thread (as in a worker)."""
+    transform, rng = SimMIMTransform(cfg), np.random.default_rng(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        with Image.open(io.BytesIO(blobs[done % len(blobs)])) as image:
-            image.load()
-            transform(image, rng)
+        transform(decode_image(blobs[done % len(blobs)]), rng)
         done += 1
-    rate = done / (time.perf_counter() - start)
     torch.set_num_threads(threads)
-    return rate
+    return done / (time.perf_counter() - start)
 
 
-def loader_rate(loader: Iterator[dict[str, torch.Tensor]], batch: int, seconds: float) -> float:
-    """Images/s drawn from a running loader for ``seconds``."""
-    batches, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        next(loader)
-        batches += 1
-    return batches * batch / (time.perf_counter() - start)
+def best_rate(batches: Iterator[Any], batch: int, seconds: float, rounds: int) -> float:
+    """Best images/s over ``rounds`` slices of ``seconds`` drawn from a running loader (after its first batch)."""
+    next(batches)  # worker start-up and the first shuffle-buffer fill are not steady-state throughput
+    best = 0.0
+    for _ in range(rounds):
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            next(batches)
+            count += 1
+        best = max(best, count * batch / (time.perf_counter() - start))
+    return best
 
 
-class ModelStep:
-    """One SimMIM training step of the configured model on fixed random images and real masks."""
-
-    def __init__(self, cfg: PretrainConfig) -> None:
-        torch.manual_seed(0)
-        self.model = build_simmim(cfg)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)  # as the trainer builds it
-        gen = MaskGenerator(cfg.model.img_size, cfg.simmim.mask_patch_size, cfg.model.patch_size, cfg.simmim.mask_ratio)
-        rng = np.random.default_rng(0)
-        self.images = torch.randn(cfg.data.batch_size, 3, cfg.model.img_size, cfg.model.img_size)
-        self.mask = torch.from_numpy(np.stack([gen(rng) for _ in range(cfg.data.batch_size)]))
-        self.run()  # the first step allocates the optimizer state and warms caches
-
-    def run(self) -> float:
-        """Images/s of one step."""
-        start = time.perf_counter()
-        self.model(self.images, self.mask).backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return self.images.shape[0] / (time.perf_counter() - start)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", default="data/sample_shards")
-    parser.add_argument("--img", type=int, default=192)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=4.0, help="measuring time of each data figure per round")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads of the model step (0: torch default)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one model step each)")
-    args = parser.parse_args()
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shards = Path(args.shards)
-    if not (shards / "sizes.json").is_file():
-        write_sample_shards(shards)
-    cfg = load_config(
-        "configs/simmim_swinv2_tiny_192_w12.yaml",
+def pretrain_cfg(args: argparse.Namespace, *data: str) -> PretrainConfig:
+    return load_config(
+        RECIPE,
         [
             f"model.img_size={args.img}",
-            f"data.path={shards}/shard-*.tar",
             f"data.batch_size={args.batch}",
             "data.num_workers=1",
             "data.shuffle_buffer=50",
-            "data.samples_per_epoch=100000",
+            "data.samples_per_epoch=1000000",
+            "data.pin_memory=false",
             "model.drop_path_rate=0.0",
+            *data,
         ],
     )
-    blobs = shard_images(shards)
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(blobs)} images in {shards}, "
-        f"img {args.img}, batch {args.batch}, {args.rounds} interleaved rounds"
+
+
+def pretrain_rate(cfg: PretrainConfig, args: argparse.Namespace) -> float:
+    loader = build_pretrain_loader(cfg, resolve_source(cfg.data, 1), rank=0, world_size=1)
+    return best_rate(iter(loader), args.batch, args.seconds, args.rounds)
+
+
+def imagefolder_rate(folder: Path, args: argparse.Namespace) -> float:
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(args.img, scale=(0.67, 1.0), interpolation=T.InterpolationMode.BILINEAR),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
     )
-    transform, rng = SimMIMTransform(cfg), np.random.default_rng(0)
-    loader = iter(build_pretrain_loader(cfg, rank=0, world_size=1))
-    next(loader)  # worker start-up and the first shuffle-buffer fill are not steady-state throughput
-    step = ModelStep(cfg)
-    best = {"transform": 0.0, "loader": 0.0, "step": 0.0}
-    for _ in range(args.rounds):
-        best["transform"] = max(best["transform"], transform_rate(transform, blobs, rng, args.seconds))
-        best["loader"] = max(best["loader"], loader_rate(loader, args.batch, args.seconds))
-        best["step"] = max(best["step"], step.run())
-    print(f"decode+augment+mask, 1 process : {best['transform']:8.1f} img/s")
-    print(f"build_pretrain_loader, 1 worker: {best['loader']:8.1f} img/s")
-    print(f"SwinV2-T SimMIM train step     : {best['step']:8.1f} img/s (fp32)")
-    ratio = best["loader"] / best["step"]
-    print(f"one worker feeds {ratio:.1f}x the model step's rate ({'keeps up' if ratio >= 1 else 'does NOT keep up'})")
+    dataset = ImageFolder(str(folder), transform=transform)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**7)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=sampler, num_workers=1)
+    return best_rate(iter(loader), args.batch, args.seconds, args.rounds)
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def handle(self) -> None:
+        with contextlib.suppress(ConnectionError):  # the loader stopped a transfer (end of a measurement)
+            super().handle()
+
+
+def serve(folder: Path) -> tuple[ThreadingHTTPServer, str]:
+    """A local HTTP server of ``folder`` (in a thread) and its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(folder)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def model_step_rate(cfg: PretrainConfig) -> float:
+    """Images/s of one SwinV2-T SimMIM train step (forward, masked L1 loss, backward, AdamW), after a warm-up."""
+    from pretrain.masking import MaskGenerator
+    from pretrain.simmim import build_simmim
+
+    torch.manual_seed(0)
+    model = build_simmim(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = MaskGenerator(cfg.model.img_size, cfg.simmim.mask_patch_size, cfg.model.patch_size, cfg.simmim.mask_ratio)
+    rng = np.random.default_rng(0)
+    images = torch.randn(cfg.data.batch_size, 3, cfg.model.img_size, cfg.model.img_size)
+    mask = torch.from_numpy(np.stack([gen(rng) for _ in range(cfg.data.batch_size)]))
+    best = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        model(images, mask).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        best = max(best, images.shape[0] / (time.perf_counter() - start))
+    return best
+
+
+def report(name: str, rate: float, unit: str = "img/s per worker") -> None:
+    print(f"{name:<44}: {rate:8.1f} {unit}", flush=True)
+
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
+    folder = make_folder(tmp / "folder", args.copies)
+    worker_context("forkserver")  # started once per process (seconds): not part of the writer's packing rate
+    rates = {w: writer_rate(folder, tmp / f"shards-w{w}", w) for w in (1, 2)}
+    shards = tmp / "shards-w1"
+    n_images = sum(1 for _ in folder.rglob("*.*"))
+    print(f"torch {torch.__version__}, {n_images} images, img {args.img}, batch {args.batch}", flush=True)
+    report("shard writer, 1 worker", rates[1], "img/s")
+    report("shard writer, 2 workers", rates[2], "img/s")
+    cfg = pretrain_cfg(args, f"data.path={shards}")
+    report("decode+augment+mask, in process", transform_rate(cfg, shard_blobs(shards), args.seconds), "img/s")
+    report("build_pretrain_loader, local shards", pretrain_rate(cfg, args))
+    server, base = serve(shards)
+    try:
+        names = sorted(p.name for p in shards.glob("shard-*.tar"))
+        http = f"{base}/shard-{{{names[0][6:12]}..{names[-1][6:12]}}}.tar"
+        report("build_pretrain_loader, HTTP shards", pretrain_rate(pretrain_cfg(args, f"data.path={http}"), args))
+    finally:
+        server.shutdown()
+    mixture = f"data.sources=[{{path: '{shards}', weight: 3}}, {{path: '{tmp / 'shards-w2'}', weight: 1}}]"
+    mixed = pretrain_cfg(args, "data.path=''", mixture)  # the recipe's data.path gives way to the mixture
+    report("build_pretrain_loader, 3:1 mixture of 2 sets", pretrain_rate(mixed, args))
+    report("torchvision ImageFolder + RandomResizedCrop", imagefolder_rate(folder, args))
+    if not args.skip_model:
+        report("SwinV2-T SimMIM train step (fp32)", model_step_rate(cfg), "img/s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--img", type=int, default=192)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=4.0, help="measuring time of each loader slice")
+    parser.add_argument("--rounds", type=int, default=2, help="slices per loader figure (the best is reported)")
+    parser.add_argument("--copies", type=int, default=8, help="copies of each sample photo in the data set")
+    parser.add_argument("--skip-model", action="store_true", help="leave out the model step")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        run(args, Path(tmp))
 
 
 if __name__ == "__main__":

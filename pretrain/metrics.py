@@ -299,6 +299,19 @@ class MetricsLogger:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(f"loss={scalars['loss']:.4f} img/s={scalars['throughput_total']:.1f}")
         self.message(line)
+        self.write_scalars(step, scalars)
+
+    def log_eval(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
+        """An evaluation (``eval/...`` scalars): one console line, then as :meth:`write_scalars`."""
+        if not self.enabled:
+            return
+        self.message(f"step={step} epoch={epoch} " + " ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+        self.write_scalars(step, scalars)
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """``scalars`` of ``step`` to TensorBoard (finite values), metrics.jsonl (as they are) and the trackers."""
+        if not self.enabled:
+            return
         if self.tb is not None:
             for key, value in scalars.items():
                 if value is not None and math.isfinite(value):

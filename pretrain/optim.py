@@ -27,6 +27,7 @@ __all__ = [
     "OptimizerConfig",
     "ScheduleConfig",
     "SkippableAdamW",
+    "all_finite",
     "build_optimizer",
     "lr_scale_factor",
 ]
@@ -221,3 +222,13 @@ def build_optimizer(groups: list[dict], cfg: PretrainConfig, device_type: str) -
         if fused is not None:
             return fused
     return SkippableAdamW(groups, fused=True, **kwargs)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A device bool: every element of ``tensors`` is finite. The max-abs norm cannot overflow the way a sum of
+    squares can, so finite but large values are not mistaken for non-finite ones."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    norms = torch._foreach_norm(tensors, float("inf"))
+    return torch.isfinite(torch.stack([n.float() for n in norms])).all()

@@ -24,16 +24,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, resume_target, save_checkpoint
+from swinv2 import compile_counts
+
+from .checkpoint import CheckpointError, mark_best, read_best, resume_target, save_checkpoint
 from .checks import ConfigError, one_of, require
 from .distributed import LaunchEnv, init_process_group, leave_process_group
-from .engine import build_engine, compute_dtype, loss_scale, overflow_skipped_steps, resolve_device
+from .engine import (
+    build_engine,
+    compute_dtype,
+    configure_matmul_precision,
+    loss_scale,
+    overflow_skipped_steps,
+    resolve_device,
+)
 from .metrics import MetricsLogger, peak_flops
+from .optim import all_finite
 from .profiling import ProfileConfig, ProfileWindow
 from .runlock import RunLock, acquire_run_lock
 from .stopping import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteError, PeerFailure, StopFlag, exit_code_for
 from .tasks import Batch, Task
-from .train_state import StepStats, TrainState
+from .train_state import LogWindow, StepStats, TrainState
 
 __all__ = ["Trainer", "TrainingConfig", "run"]
 
@@ -55,6 +65,8 @@ class TrainingConfig:
     max_nonfinite_steps: int = 10
     # auto: cuda when available, else cpu.
     device: str = "auto"
+    # TF32 tensor cores for fp32 matmuls and convolutions on CUDA (false: strict IEEE fp32); no effect on the CPU.
+    tf32: bool = True
     # A torch.profiler trace of a few steps (pretrain/profiling.py).
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -83,26 +95,6 @@ def _versions() -> dict[str, str]:
     import deepspeed
 
     return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version()}
-
-
-def _max_abs_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A device bool: every element of ``tensors`` is finite. The max-abs norm cannot overflow the way a sum of
-    squares can, so finite but large values are not mistaken for non-finite ones."""
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return torch.ones((), dtype=torch.bool)
-    norms = torch._foreach_norm(tensors, float("inf"))
-    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
-
-
-def _compile_report() -> str:
-    """After the first step of a run with model.compile: what dynamo compiled (a graph break or a block left eager
-    would show here, not only as a slower run)."""
-    from torch._dynamo.utils import counters
-
-    graphs = counters["stats"]["unique_graphs"]
-    breaks = sum(counters["graph_break"].values())
-    return f"model.compile: {graphs} compiled graphs after the first step, {breaks} graph breaks"
 
 
 class Trainer:
@@ -163,7 +155,10 @@ class Trainer:
         self.last_batch: Batch | None = None
         self._grad_norm: torch.Tensor | None = None
         self._weights_finite = torch.ones((), dtype=torch.bool, device=self.device)
-        self._reset_window()
+        self.evaluated_at: int | None = None  # the step of the last evaluation (none twice at one step)
+        self.saved_at: int | None = None  # the step of this start's last save
+        self.best = self._read_best()
+        self.window = LogWindow(self.device)
         self.metrics.begin(self.state.step)
         self.profiler = ProfileWindow(cfg.training.profile, self.run_dir, self.rank, self.state.step)
         if cfg.training.profile.enabled:
@@ -208,6 +203,7 @@ class Trainer:
     def _startup_checks(self) -> None:
         """What can fail on one rank and not another (devices, data, the output directory)."""
         self.device = resolve_device(self.cfg, self.launch.local_rank)
+        configure_matmul_precision(self.cfg.training.tf32, self.device)
         batches = self.task.resolve_data(self.world)
         self.steps_per_epoch = batches // self.accum
         if self.steps_per_epoch == 0:
@@ -274,6 +270,9 @@ class Trainer:
         if client is None:
             raise CheckpointError(f"DeepSpeed could not load {resume_from}")
         self.state.load_state_dict(client)
+        load_task_state = getattr(self.task, "load_state_dict", None)
+        if load_task_state is not None and client.get("task_state") is not None:
+            load_task_state(client["task_state"])
         s, say = self.state, self.metrics.message
         batch = s.epoch_samples // self.micro_batch
         say(
@@ -314,7 +313,10 @@ class Trainer:
                 if code is not None:
                     return code
             del batches  # stops this epoch's data workers before the next epoch starts its own
+            if s.epoch_samples // self.micro_batch + self.accum > self.steps_per_epoch * self.accum:
+                self.evaluate(final=s.step >= self.total_steps)  # the epoch is complete (not cut by max_steps)
             s.epoch, s.epoch_samples = s.epoch + 1, 0
+        self.evaluate(final=True)
         self.metrics.message(
             f"training finished at step={s.step}: {s.images_seen} images seen, run directory {self.run_dir}"
         )
@@ -329,6 +331,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         loss_finite = torch.ones((), dtype=torch.bool, device=self.device)
         skipped = samples = 0
+        sources: dict[str, int] = {}  # samples per source of a mixture (plain ints from the loader)
         data_seconds = 0.0
         seed = self.cfg.training.seed * 1_000_003 + self.rank * 7_919 + self.state.step * self.accum
         for micro in range(self.accum):
@@ -336,6 +339,8 @@ class Trainer:
             batch = next(batches)
             data_seconds += time.perf_counter() - start
             skipped += int(batch["skipped"])
+            for name, count in batch.get("sources", {}).items():
+                sources[name] = sources.get(name, 0) + count
             samples += self.task.samples(batch)
             if self.flops_per_sample is None:
                 self.flops_per_sample = self.task.forward_flops(self.engine, batch, self.device, self.dtype)
@@ -348,8 +353,8 @@ class Trainer:
             if micro < self.accum - 1:
                 self.engine.step()  # DeepSpeed counts micro-steps in step(); it updates only at the boundary
             self.last_batch = batch
-        flags = self._reduce(loss_sum, loss_finite, self._local_grads_finite(), skipped)
-        loss_bad, grads_bad, weights_bad, skipped_total, terminate, interrupt = flags[1:]
+        flags = self._reduce(loss_sum, loss_finite, self._local_grads_finite(), skipped, list(sources.values()))
+        loss_bad, grads_bad, weights_bad, skipped_total, terminate, interrupt = flags[1:7]
         self.optimizer.skip_next_step = bool(loss_bad or grads_bad)
         self.schedule.set_step(self.state.step)
         overflow_before = overflow_skipped_steps(self.engine)
@@ -359,7 +364,7 @@ class Trainer:
         # alike); under fp16 that is the loss scaler's normal overflow, counted separately.
         engine_skipped = overflow_skipped_steps(self.engine) > overflow_before
         grads_bad = bool(grads_bad) or (engine_skipped and self.cfg.training.precision != "fp16")
-        self._weights_finite = _max_abs_finite([getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()])
+        self._weights_finite = all_finite([getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()])
         return StepStats(
             loss=flags[0],
             applied=not (loss_bad or grads_bad or engine_skipped),
@@ -367,6 +372,7 @@ class Trainer:
             nonfinite_grads=grads_bad,
             weights_nonfinite=bool(weights_bad),
             skipped_samples=int(skipped_total),
+            source_samples=dict(zip(sources, flags[7:], strict=True)),
             samples=samples * self.world,
             stop_signals=(bool(terminate), bool(interrupt)),
             data_seconds=data_seconds,
@@ -380,14 +386,20 @@ class Trainer:
         if self.engine.zero_optimization_stage() == 0 and self.cfg.training.precision == "fp32" and grads:
             self._grad_norm = torch.nn.utils.get_total_norm(grads)
             return torch.isfinite(self._grad_norm)
-        return _max_abs_finite(grads).to(self.device)
+        return all_finite(grads).to(self.device)
 
     def _reduce(
-        self, loss_sum: torch.Tensor, loss_finite: torch.Tensor, grads_finite: torch.Tensor, skipped: int
+        self,
+        loss_sum: torch.Tensor,
+        loss_finite: torch.Tensor,
+        grads_finite: torch.Tensor,
+        skipped: int,
+        source_counts: list[int],
     ) -> tuple[Any, ...]:
         """The step's one collective and its one host read: (mean loss as a device tensor, then as host numbers
         over all ranks: ranks with a non-finite loss, with non-finite gradients, with non-finite weights after the
-        previous step, skipped samples, ranks with SIGTERM/SIGUSR1, ranks with SIGINT)."""
+        previous step, skipped samples, ranks with SIGTERM/SIGUSR1, ranks with SIGINT, then the samples of each
+        source of a mixture, in the loader's order, which every rank shares)."""
         device_part = torch.stack(
             [
                 loss_sum.double(),
@@ -396,7 +408,9 @@ class Trainer:
                 (~self._weights_finite).double(),
             ]
         )
-        host_part = torch.tensor([skipped, self.stop.terminate, self.stop.interrupt], dtype=torch.float64)
+        host_part = torch.tensor(
+            [skipped, self.stop.terminate, self.stop.interrupt, *source_counts], dtype=torch.float64
+        )
         stats = torch.cat([device_part, host_part.to(self.device, non_blocking=True)])
         dist.all_reduce(stats)
         mean_loss = stats[0] / (self.world * self.accum)
@@ -420,15 +434,15 @@ class Trainer:
         if stats.applied:
             s.images_seen += stats.samples
             self.nonfinite_in_row = 0
-            self.window_loss += stats.loss
-            self.window_applied += 1
+            after_step = getattr(self.task, "after_step", None)
+            if after_step is not None:
+                after_step(self.engine)  # e.g. fine-tuning's EMA of the weights
         elif stats.nonfinite_loss or stats.nonfinite_grads:
             self._count_nonfinite(stats)
-        self.window_steps += 1
-        self.window_samples += stats.samples
-        self.window_data_seconds += stats.data_seconds
+        self.window.add(stats)
         if s.step == 1 and self.cfg.model.compile:
-            self.metrics.message(_compile_report())
+            graphs, breaks = compile_counts()
+            self.metrics.message(f"model.compile: {graphs} compiled graphs after the first step, {breaks} graph breaks")
         self._log()
         self.task.log_images(self.engine, self.last_batch, s.step, self.metrics)
         if stats.stop or s.step % self.cfg.checkpoint.every_steps == 0 or s.step == self.total_steps:
@@ -462,43 +476,39 @@ class Trainer:
                 f"from an earlier checkpoint"
             )
 
-    def _reset_window(self) -> None:
-        self.window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.window_applied = self.window_steps = self.window_samples = 0
-        self.window_data_seconds = 0.0
-        self.window_start = time.perf_counter()
-
     def _log(self) -> None:
         """On log steps: the window's scalars to the console, TensorBoard and metrics.jsonl (the only place the loss
         is read on the host)."""
         s, cfg = self.state, self.cfg
         if s.step % cfg.logging.log_every and s.step != self.total_steps:
             return
-        elapsed = time.perf_counter() - self.window_start
-        throughput = self.window_samples / elapsed
+        window = self.window
+        elapsed = window.elapsed()
+        throughput = window.samples / elapsed
         achieved = 3 * (self.flops_per_sample or 0.0) * throughput / self.world
-        loss = (self.window_loss / self.window_applied).item() if self.window_applied else float("nan")
         if self._grad_norm is not None:
             grad_norm = float(self._grad_norm)
         else:
             norm = self.engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
         scalars = {
-            "loss": loss,
+            "loss": window.mean_loss(),
             "lr": self.engine.get_lr()[0],
             "grad_norm": grad_norm,
             "throughput_total": throughput,
             "throughput_per_device": throughput / self.world,
-            "data_loading_pct": 100.0 * self.window_data_seconds / elapsed,
+            "data_loading_pct": 100.0 * window.data_seconds / elapsed,
             "tflops": achieved / 1e12,
             "mfu_pct": 100.0 * achieved / self.peak,
             "skipped_samples": s.skipped_samples,
+            # A mixture's samples per source over the log window (every rank's, in the plan's proportions).
+            **{f"source_samples/{name}": count for name, count in window.sources.items()},
             "nonfinite_steps": s.nonfinite_steps,
             # Steps DeepSpeed itself skipped on an fp16 gradient overflow (the loss scale then drops).
             "overflow_skipped_steps": overflow_skipped_steps(self.engine),
             "images_seen": s.images_seen,
             "epoch": s.epoch,
-            "eta_s": (self.total_steps - s.step) * elapsed / max(1, self.window_steps),
+            "eta_s": (self.total_steps - s.step) * elapsed / max(1, window.steps),
         }
         if cfg.training.precision == "fp16":
             scalars["loss_scale"] = loss_scale(self.engine)
@@ -507,7 +517,44 @@ class Trainer:
         else:  # peak resident memory of this process (ru_maxrss is in KiB on Linux)
             scalars["memory_max_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         self.metrics.log(s.step, scalars)
-        self._reset_window()
+        self.window = LogWindow(self.device)
+
+    # ------------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, final: bool = False) -> dict[str, float] | None:
+        """Collective: the task's evaluation at this step (tasks without an ``evaluate`` hook have none), logged as
+        ``eval/...``; a new best of the task's ``best_metric`` keeps this step's checkpoint (saved now if needed)."""
+        hook = getattr(self.task, "evaluate", None)
+        s = self.state
+        if hook is None or self.evaluated_at == s.step:
+            return None
+        start = time.perf_counter()
+        scalars = hook(self.engine, rank=self.rank, world_size=self.world, epoch=s.epoch, final=final)
+        if scalars is None:
+            return None
+        self.evaluated_at = s.step
+        seconds = time.perf_counter() - start
+        self.window.exclude(seconds)
+        self.metrics.log_eval(s.step, s.epoch, {**scalars, "eval/seconds": seconds})
+        metric = getattr(self.task, "best_metric", None)
+        if metric in scalars and (self.best is None or scalars[metric] > self.best["value"]):
+            self._keep_best(metric, float(scalars[metric]))
+        return scalars
+
+    def _read_best(self) -> dict[str, Any] | None:
+        """Rank 0's best-checkpoint record of this run (a resumed run goes on comparing with it), on every rank."""
+        box: list[Any] = [read_best(self.ckpt_dir) if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _keep_best(self, metric: str, value: float) -> None:
+        """Collective: this step's checkpoint becomes the best one (pruning keeps it besides the last k)."""
+        if self.saved_at != self.state.step:
+            self.save()
+        if self.rank == 0:
+            mark_best(self.ckpt_dir, self.state.step, metric, value, self.cfg.checkpoint.keep_last)
+        dist.barrier()
+        self.best = {"step": self.state.step, "metric": metric, "value": value}
+        self.metrics.message(f"new best {metric}={value:.4f} at step={self.state.step}: checkpoint kept")
 
     # ------------------------------------------------------------------------------------------------- checkpoint
     def client_state(self) -> dict[str, Any]:
@@ -524,6 +571,7 @@ class Trainer:
             "zero_stage": self.cfg.distributed.zero_stage,
             "versions": _versions(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+            "task_state": self.task.state_dict() if hasattr(self.task, "state_dict") else None,
         }
 
     def save(self) -> Path:
@@ -538,6 +586,7 @@ class Trainer:
         tag_dir = save_checkpoint(
             self.engine, self.ckpt_dir, self.state.step, self.client_state(), self.cfg.checkpoint.keep_last
         )
+        self.saved_at = self.state.step
         self.metrics.message(f"saved checkpoint {tag_dir} at step={self.state.step}")
         return tag_dir
 

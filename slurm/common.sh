@@ -182,9 +182,24 @@ slurm_launch() {
 }
 
 _requeue() { # $1: exit code, $2: why
+    # Nothing is left to pass a signal on to; and the SIGTERM that SLURM sends every process of the job once the
+    # requeue takes effect must not end scontrol before it returns (its children inherit the ignored signals).
+    trap '' TERM USR1
     if ((restarts >= MAX_RESTARTS)); then
         say "not requeued: $2, but the job has already been requeued $restarts times (MAX_RESTARTS=$MAX_RESTARTS);" \
             "resubmit it to go on from the newest complete checkpoint"
+        exit "$1"
+    fi
+    # A preempted or signalled job is still RUNNING here. One that SLURM is already ending (COMPLETING) was cancelled
+    # (a plain scancel also sends SIGTERM, and SLURM would accept the requeue) or hit its time limit: only the latter
+    # goes on.
+    local job state reason
+    job="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null)"
+    state="$(sed -n 's/^ *JobState=\([A-Z_]*\).*/\1/p' <<< "$job")"
+    reason="$(sed -n 's/^ *JobState=.* Reason=\([^ ]*\).*/\1/p' <<< "$job")"
+    if [[ -n "$state" && "$state" != RUNNING && "$reason" != TimeLimit ]]; then
+        say "not requeued: $2, but SLURM is already ending the job (JobState=$state Reason=$reason: cancelled with" \
+            "scancel?); resubmit it to go on from the newest complete checkpoint"
         exit "$1"
     fi
     say "requeueing job $SLURM_JOB_ID ($2, requeue $((restarts + 1)) of at most $MAX_RESTARTS); it resumes from the" \

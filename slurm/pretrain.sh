@@ -19,6 +19,11 @@
 # `scancel --signal=USR1 --batch <job>`); SIGTERM is treated the same. The shell forwards it to every task; the
 # trainer finishes its current step, all ranks save a complete checkpoint and exit with code 75, and this script
 # requeues the job. The requeued job resumes from the newest complete checkpoint automatically.
+# A preemption with GraceTime and `scancel --signal=TERM <job>` send SIGTERM straight to every rank (and its data
+# loader workers, which leave it to the rank): the same save, exit 75 and requeue, within the grace time.
+# `scancel --full --signal=TERM` also reaches this shell, which passes USR1 on; srun runs in a session of its own
+# so that it is not signalled (on SIGTERM it would kill the ranks at once). A plain `scancel <job>` cancels: the
+# ranks may still save, but the job is not requeued.
 #
 #SBATCH --job-name=swinv2-simmim
 #SBATCH --nodes=2

@@ -12,6 +12,10 @@
 # so this shell signals the training processes that the launcher started on this node (found by walking the
 # launcher's process tree from its pid). That is enough: the trainer shares the flag with every rank through a
 # collective at the next step boundary, all ranks save a complete checkpoint and exit 75, and the job is requeued.
+# This script runs no job step, and SLURM (seen on 22.05) sends a preemption's SIGTERM (GraceTime) to the job steps
+# only: here nothing gets it, and the ranks are killed when the grace time ends, without a new checkpoint (SLURM then
+# requeues the job, PreemptMode=REQUEUE, and it resumes from its last periodic one). Where preemption matters, use
+# slurm/pretrain.sh.
 # Environment: as slurm/pretrain.sh (CONFIG, PYTHON, GPUS_PER_NODE, MAX_RESTARTS, REQUEUE_ON_CRASH, MASTER_PORT,
 # NCCL_DEBUG), plus DEEPSPEED (launcher executable, default `deepspeed` on PATH) and SLOTS_PER_NODE (processes per
 # node, default the GPUs SLURM allocated, else 1).

@@ -1,7 +1,7 @@
 """Swin Transformer V2 backbone with official Microsoft key names, sizes T/S/B/L/H/G and training aids."""
 
 from .checkpoint_keys import official_to_timm, strip_derived_buffers, timm_to_official
-from .factory import MODEL_SIZES, compile_blocks, create_model, parse_checkpointing
+from .factory import MODEL_SIZES, compile_blocks, compile_counts, create_model, parse_checkpointing
 from .param_groups import layer_id, param_groups
 from .swin_transformer_v2 import SwinTransformerV2, choose_attn_impl
 
@@ -10,6 +10,7 @@ __all__ = [
     "SwinTransformerV2",
     "choose_attn_impl",
     "compile_blocks",
+    "compile_counts",
     "create_model",
     "layer_id",
     "official_to_timm",

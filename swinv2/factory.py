@@ -9,7 +9,7 @@ from torch import nn
 
 from .swin_transformer_v2 import SwinTransformerBlock, SwinTransformerV2
 
-__all__ = ["MODEL_SIZES", "compile_blocks", "create_model", "parse_checkpointing"]
+__all__ = ["MODEL_SIZES", "compile_blocks", "compile_counts", "create_model", "parse_checkpointing"]
 
 # Spec §1.8. T/S/B/L are the official configs; H and G are the paper's (C=352 and C=512) with head dim 32, and the
 # paper's extra main-branch LayerNorm every 6 blocks switched on by default (extra_norm_every; 0 = official layout).
@@ -110,3 +110,11 @@ def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
     for block in blocks:
         block.compile(**compile_kwargs)
     return len(blocks)
+
+
+def compile_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) so far in this process, e.g. after the first step of a run with compiled blocks:
+    a graph break or a block left eager shows here, not only as a slower run."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())

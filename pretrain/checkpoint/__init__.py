@@ -39,9 +39,12 @@ from .layout import (
 )
 from .resume import ResumePoint, needs_universal, plan_resume, resume_target
 from .store import (
+    BEST_RECORD,
     PREVIOUS_RUNS_DIR,
     RUN_OUTPUTS,
+    mark_best,
     move_to_corrupt,
+    read_best,
     remove_cut_short,
     save_checkpoint,
     set_aside_later,
@@ -52,6 +55,7 @@ from .universal import to_universal
 __all__ = [
     "ABANDONED_DIR",
     "ARCHITECTURE_KEYS",
+    "BEST_RECORD",
     "CORRUPT_DIR",
     "MARKER",
     "PREVIOUS_RUNS_DIR",
@@ -73,10 +77,12 @@ __all__ = [
     "is_universal",
     "list_complete",
     "list_files",
+    "mark_best",
     "model_states_file",
     "move_to_corrupt",
     "needs_universal",
     "plan_resume",
+    "read_best",
     "read_client_state",
     "read_marker",
     "reading",

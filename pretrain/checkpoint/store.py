@@ -29,16 +29,20 @@ from .layout import (
     is_complete,
     list_complete,
     step_dirs,
+    step_of,
     tag_for,
     universal_dir,
 )
 from .writes import WriteRecorder, disk_full
 
 __all__ = [
+    "BEST_RECORD",
     "PREVIOUS_RUNS_DIR",
     "RUN_OUTPUTS",
     "dated_folder",
+    "mark_best",
     "move_to_corrupt",
+    "read_best",
     "remove_cut_short",
     "save_checkpoint",
     "set_aside_later",
@@ -46,6 +50,8 @@ __all__ = [
 ]
 
 MARKER_FORMAT = 2  # 2: the marker lists every file with its size
+# The checkpoint with the best task metric (fine-tuning's validation top-1), kept by pruning besides the last k.
+BEST_RECORD = "BEST.json"
 
 
 def _gib(n: int) -> str:
@@ -120,7 +126,10 @@ def _prune(ckpt_dir: Path, tag_dir: Path, step: int, keep_last: int) -> None:
     # Only checkpoints up to this step are pruned: after an explicit resume from an older checkpoint, newer ones of
     # the abandoned run would otherwise count as "the newest" and this run's own fresh save would be deleted.
     upto = complete[: complete.index(tag_dir) + 1]
+    best = read_best(ckpt_dir)
     for old in upto[:-keep_last]:
+        if best is not None and old.name == tag_for(int(best["step"])):
+            continue
         # The marker goes first: a prune cut short leaves an incomplete folder, never a damaged complete one.
         (old / MARKER).unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -188,6 +197,33 @@ def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: 
     dist.broadcast_object_list(status, src=0)
     if status[0] is not None:
         raise CheckpointError(status[0])
+    return tag_dir
+
+
+def read_best(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """The best-checkpoint record of ``ckpt_dir`` ({"step", "metric", "value"}), or None (none yet, or unreadable)."""
+    try:
+        record = json.loads((Path(ckpt_dir) / BEST_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
+
+
+def mark_best(ckpt_dir: str | Path, step: int, metric: str, value: float, keep_last: int) -> Path:
+    """Rank 0: record the complete checkpoint of ``step`` as the best by ``metric`` (so pruning keeps it), then prune
+    the previous best if it is no longer among the last ``keep_last``. Returns the checkpoint folder.
+
+    Raises:
+        CheckpointError: there is no complete checkpoint of ``step``.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag_dir = ckpt_dir / tag_for(step)
+    if not is_complete(tag_dir):
+        raise CheckpointError(f"{tag_dir}: no complete checkpoint to mark as the best by {metric}")
+    record = {"step": step, "metric": metric, "value": value, "tag": tag_dir.name}
+    write_text_atomic(ckpt_dir / BEST_RECORD, json.dumps(record, indent=1))
+    newest = list_complete(ckpt_dir)[-1]
+    _prune(ckpt_dir, newest, step_of(newest) or step, keep_last)
     return tag_dir
 
 

@@ -35,7 +35,7 @@ from ..formats import (
 from .common import DTYPES, check_output, log
 from .masters import name_master_weights
 
-__all__ = ["consolidate", "name_master_weights"]
+__all__ = ["consolidate", "consolidated_state_dict", "name_master_weights", "whole_checkpoint"]
 
 
 def _low_precision_masters(path: Path, obj: Mapping[str, Any], low: set[torch.dtype]) -> dict[str, torch.Tensor]:
@@ -104,7 +104,9 @@ def _zero_state_dict(tag_dir: Path, target: torch.dtype) -> dict[str, torch.Tens
     return out
 
 
-def _consolidated_state_dict(tag_dir: Path, dtype: str) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(tag_dir: Path, dtype: str) -> dict[str, torch.Tensor]:
+    """The whole model's weights of the DeepSpeed checkpoint ``tag_dir`` in ``dtype`` ("fp32" or "bf16"), in memory:
+    fp32 masters where the optimizer keeps them, gathered from every rank's partition under ZeRO."""
     target = torch.float32 if dtype == "fp32" else torch.bfloat16
     # The marker's stage decides, not the files present: a ZeRO-1/2 checkpoint that lost its optimizer shards must
     # not pass for stage 0 (find_damage has refused it before this point).
@@ -113,7 +115,7 @@ def _consolidated_state_dict(tag_dir: Path, dtype: str) -> dict[str, torch.Tenso
     return _stage0_state_dict(tag_dir, target)
 
 
-def _whole_checkpoint(path: str | Path, tag: str | None) -> Path:
+def whole_checkpoint(path: str | Path, tag: str | None) -> Path:
     """The complete, undamaged tag directory ``path``/``tag`` names (ConversionError otherwise)."""
     try:
         tag_dir = resolve_checkpoint(path, tag)
@@ -144,10 +146,10 @@ def consolidate(
         raise ConversionError(f"--dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
     output = Path(output)
     check_output(output, force)
-    tag_dir = _whole_checkpoint(path, tag)
+    tag_dir = whole_checkpoint(path, tag)
     with reading(tag_dir, "consolidating it"):
         client = read_client_state(tag_dir)
-        state_dict = strip_derived_buffers(_consolidated_state_dict(tag_dir, dtype))
+        state_dict = strip_derived_buffers(consolidated_state_dict(tag_dir, dtype))
     config = client.get("config") or {}
     layout = detect_layout(state_dict)
     if layout not in ("simmim", "ours"):

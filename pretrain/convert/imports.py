@@ -30,7 +30,7 @@ from ..formats import (
 from .common import check_output, describe_directory, log
 from .sizes import encoder_part, settle_spec
 
-__all__ = ["IMPORT_SOURCES", "import_weights"]
+__all__ = ["IMPORT_SOURCES", "import_weights", "read_hf_directory"]
 
 IMPORT_SOURCES = ("official", "timm", "hf")
 
@@ -78,7 +78,8 @@ _SOURCES: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, torch.Tensor],
 }
 
 
-def _read_hf_directory(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_hf_directory(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(HF state dict, config.json) of an HF transformers Swinv2 model directory (``save_pretrained`` output)."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{path}: no config.json; an HF model directory (save_pretrained output) is expected")
@@ -105,7 +106,7 @@ def _read_input(source: str, path: Path, trust_pickle: bool) -> tuple[dict[str, 
     if path.is_dir():
         if source != "hf":
             raise ConversionError(f"{path}: --from {source} reads a weights file; {describe_directory(path)}")
-        return _read_hf_directory(path)
+        return read_hf_directory(path)
     if source == "hf":
         raise ConversionError(f"{path}: --from hf reads an HF model directory (with config.json), not a file")
     state_dict, _, _ = load_weights_file(path, trust_pickle=trust_pickle)

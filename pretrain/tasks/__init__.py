@@ -3,7 +3,12 @@
 A task supplies everything that depends on what is learned: the model, its parameter groups, the data, the loss of a
 batch, the FLOPs per sample and pictures for the logs. The trainer owns everything else:
 the engine, accumulation, the non-finite guard, preemption, logging, checkpoints and resume. SimMIM pretraining is
-:class:`pretrain.tasks.simmim.SimMIMTask`.
+:class:`pretrain.tasks.simmim.SimMIMTask`; classification fine-tuning is :class:`pretrain.finetune.FinetuneTask`.
+
+Optional hooks (the trainer calls them only where a task defines them; see :class:`TaskHooks`): ``evaluate`` at the
+end of each epoch and of the run, ``best_metric`` (the ``evaluate`` key whose maximum keeps its checkpoint),
+``after_step`` after every applied update, and ``state_dict``/``load_state_dict`` for what the task carries across
+a resume (saved with every checkpoint).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ if TYPE_CHECKING:
 
     from ..metrics import MetricsLogger
 
-__all__ = ["Batch", "Task"]
+__all__ = ["Batch", "Task", "TaskHooks"]
 
 # A batch as the data loader yields it: tensors plus plain-Python bookkeeping ("skipped": int, ...).
 Batch = dict[str, Any]
@@ -70,4 +75,28 @@ class Task(Protocol):
 
     def log_images(self, engine: Any, batch: Batch, step: int, metrics: MetricsLogger) -> None:
         """Pictures for the logs at ``step`` (e.g. SimMIM reconstructions); may do nothing."""
+        ...
+
+
+class TaskHooks(Protocol):
+    """The optional hooks of a task (a task may define any of them; SimMIM defines none)."""
+
+    # The key of ``evaluate``'s result whose new maximum keeps that step's checkpoint besides the last k; None: none.
+    best_metric: str | None
+
+    def evaluate(self, engine: Any, *, rank: int, world_size: int, epoch: int, final: bool) -> dict[str, float] | None:
+        """Collective: metrics (the same on every rank) after ``epoch`` or at the end of the run (``final``), or None
+        when the task does not evaluate then."""
+        ...
+
+    def after_step(self, engine: Any) -> None:
+        """After every applied optimizer update (e.g. an EMA of the weights)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the task carries across a resume (saved in every checkpoint's client state)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s value of the checkpoint a run resumes from."""
         ...

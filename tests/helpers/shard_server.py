@@ -19,7 +19,7 @@ class _Handler(SimpleHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:  # keep test output quiet
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         name = self.path.lstrip("/").split("?", 1)[0]
         self.server.owner.requests[name] += 1
         fault = self.server.owner.faults.get(name)

@@ -1,7 +1,8 @@
 """Checkpoint reliability on real DeepSpeed engines (2 gloo processes, ZeRO-2) and real files: durable saves, a
 damaged newest checkpoint, saves cut short, a full disk, a changed config, and a fresh start in a used directory.
 
-Run as a script, this file is the worker: ``python tests/integration/test_checkpoint_reliability.py WORK_DIR`` as each rank.
+Run as a script, this file is the worker, as each rank:
+``python tests/integration/test_checkpoint_reliability.py WORK_DIR``.
 Every check runs in both processes; rank 0 prints ``RESULT <check> <json>`` with what the tests below assert on
 (messages as the log would show them), and a failed check inside the worker raises (non-zero exit code).
 """

@@ -175,9 +175,9 @@ def _release_requeued(env: dict[str, str], job_id: str, log: Path) -> None:
 def _resumed_after_signal(env: dict[str, str], job_id: str, log: Path, run: Path) -> tuple[str, str]:
     """After a stop signal: checks that the first run saved a complete checkpoint, that every rank exited 75 (none
     killed, no data loader worker dead of the signal) and that the job was requeued; releases it, waits for the
-    requeued run to resume from that checkpoint and take the next step, then cancels the job (the runs are long so
-    that no signal can come too late; the rest of the run would prove nothing new). Returns (the signals the trainer
-    reported, the first run's output)."""
+    requeued run to resume from that checkpoint and take the next step, then cancels the job, which must not be
+    requeued (the runs are long so that no signal can come too late; the rest would prove nothing new). Returns (the
+    signals the trainer reported, the first run's output)."""
     _release_requeued(env, job_id, log)
     deadline = time.time() + 300
     pattern = re.compile(r"resumed from .* at step=(\d+).*?\nstep=(\d+)/", re.S)
@@ -186,7 +186,9 @@ def _resumed_after_signal(env: dict[str, str], job_id: str, log: Path, run: Path
     subprocess.run(["scancel", job_id], env=env, check=True)
     info = _wait_state(env, job_id, DONE)
     text = log.read_text()
-    assert info["Restarts"] == "1", text[-4000:]
+    # A plain scancel sends SIGTERM too (the ranks may save again), but the job stays cancelled.
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", text[-4000:]
+    assert "not requeued" in text.rsplit("resumed from", 1)[1] and "SLURM is already ending the job" in text
     saved = re.search(r"preempted \(([A-Z0-9, ]+)\): complete checkpoint saved at step=(\d+)", text)
     assert saved, text[-4000:]
     step = int(saved.group(2))
@@ -227,28 +229,38 @@ def test_launch_wait_keeps_exit_code_when_signal_and_exit_coincide() -> None:
     assert proc.returncode == 0 and "wrong=0" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_launcher_has_its_own_session_and_sigterm_deaths_are_requeued() -> None:
-    """slurm/common.sh without SLURM daemons: the launcher runs outside the batch shell's process group (which
-    `scancel --full` signals: srun would kill its tasks), and exit 143 (ranks ended by a SIGTERM that reached the steps
-    only, during start-up) is requeued while other crashes are not."""
+def test_launch_session_and_requeue_decisions() -> None:
+    """slurm/common.sh without SLURM daemons. The launcher runs outside the batch shell's process group, which
+    `scancel --full` signals (srun would kill its tasks). Exit 143 (ranks ended by a SIGTERM that reached the steps
+    only, during start-up) is requeued, another crash is not. A job SLURM is already ending is requeued only after its
+    time limit: a plain `scancel` sends SIGTERM too, the ranks save and exit 75, and the job must stay cancelled."""
     script = r"""
         SCRIPT_NAME=test SLURM_JOB_ID=7
         forward_signal() { return 0; }
-        scontrol() { echo "scontrol $*"; }
+        scontrol() { # `show job`: the state set below; `requeue`: recorded
+            [[ $1 == show ]] && echo "   JobState=$STATE Reason=$REASON Dependency=(null)" || echo "scontrol $*"
+        }
         source slurm/common.sh
         batch_group="$(ps -o pgid= -p $$)"
         slurm_launch bash -c '[[ "$(ps -o sid= -p $$)" -eq $$ && "$(ps -o pgid= -p $$)" -ne "$1" ]]' _ "$batch_group"
         echo "own session rc=$rc"
+        STATE=RUNNING REASON=None
         (slurm_finish 143); echo "finish 143 exit=$?"
         (slurm_finish 1); echo "finish 1 exit=$?"
+        STATE=COMPLETING REASON=None
+        (slurm_finish 75); echo "cancelled exit=$?"
+        STATE=COMPLETING REASON=TimeLimit
+        (slurm_finish 75); echo "time limit exit=$?"
     """
     proc = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     out = proc.stdout + proc.stderr
     assert "own session rc=0" in out, out
     assert "requeueing job 7 (the ranks were ended by SIGTERM (exit 143) before they could save" in out, out
-    assert "scontrol requeue 7" in out and "finish 143 exit=0" in out, out
+    assert "finish 143 exit=0" in out, out
     assert "training failed with exit code 1; not requeued" in out and "finish 1 exit=1" in out, out
-    assert out.count("scontrol requeue") == 1, out
+    assert "SLURM is already ending the job (JobState=COMPLETING Reason=None: cancelled" in out, out
+    assert "cancelled exit=75" in out and "time limit exit=0" in out, out
+    assert out.count("scontrol requeue 7") == 2, out
 
 
 def test_one_node_two_tasks_trains_and_checkpoints(one_node: dict[str, str], images: Path, tmp_path: Path) -> None:

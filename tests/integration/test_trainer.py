@@ -469,9 +469,8 @@ def test_signal_to_the_whole_process_group_saves_with_data_workers(
     workers included: the workers ignore it, the trainer saves at the step boundary and exits 75 (130 for SIGINT).
     A second run in the same directory meanwhile is refused with exit code 2, naming the holder."""
     run_dir, log = tmp_path / "run", tmp_path / "logs" / "rank0.log"
-    args = tiny_overrides(
-        run_dir, images, **{"training.max_steps": 100000, "data.num_workers": 2, "logging.log_every": 1}
-    )
+    # Long enough (1000 epochs) that the run is still going when the second one starts and the signal arrives.
+    args = tiny_overrides(run_dir, images, **{"schedule.epochs": 1000, "data.num_workers": 2, "logging.log_every": 1})
     proc = _start_in_own_group(args, log)
     try:
         _wait_for(log, "step=2/", proc)
@@ -510,3 +509,26 @@ def test_a_rank_failing_its_start_up_checks_stops_every_rank_within_seconds(tmp_
     assert f"training.output_dir={str(blocker)!r} is a file" in log_text(tmp_path / "logs", 0)
     assert "rank 0 failed its start-up checks (exit code 2)" in log_text(tmp_path / "logs", 1)
     assert time.time() - start < 120  # the collective timeout is 2 minutes in tiny_overrides
+
+
+def test_output_dir_on_a_read_only_filesystem_is_one_line_naming_it(tmp_path: Path, images: Path) -> None:
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (root needed): {mounted.stderr.decode().strip()}")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pretrain", *tiny_overrides(readonly / "run", images)],
+            cwd=REPO,
+            env=rank_env(0, 1, free_port()),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        subprocess.run(["umount", str(readonly)], check=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"training.output_dir={str(readonly / 'run')!r} cannot be written: Read-only file system" in last, last

@@ -216,3 +216,47 @@ def test_print_config_prints_the_resolved_configuration(tmp_path: Path) -> None:
     assert load_config(tmp_path / "printed.yaml") == load_config(
         CONFIGS / "demo_cpu.yaml", ["training.max_steps=3", "data.batch_size=4"]
     )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"model:\n  size: [tiny\n", r"is not valid YAML: while parsing a flow sequence.*line 2"),
+        (b"model:\n  size: tiny\n  size: base\n", r"is not valid YAML: .*found duplicate key size"),
+        (b"\xff\xfe\x00bad", r"is not UTF-8 text \(invalid start byte at byte 0\)"),
+        (b"- a\n- b\n", r"holds a list at the top level; accepted: a mapping of sections \(model, simmim"),
+        (b"model: 5\n", r"section 'model' is 5, not a mapping; accepted keys in it: size, img_size"),
+    ],
+)
+def test_unreadable_config_files_are_one_line_naming_the_file(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_config_path_that_is_a_directory_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"is a directory, not a YAML file; accepted: a \.yaml file"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.base_lr=inf", r"optimizer\.base_lr=inf; accepted: a finite number"),
+        ("distributed.timeout_minutes=inf", r"distributed\.timeout_minutes=inf; accepted: a finite number"),
+        ("model.mlp_ratio=inf", r"model\.mlp_ratio=inf; accepted: a finite number"),
+        ("optimizer.min_lr=nan", r"optimizer\.min_lr=nan; accepted: a finite number"),
+        ("distributed.timeout_minutes=20000", r"distributed\.timeout_minutes=20000.*at most a week"),
+        ("training.seed=4294967296", r"training\.seed=4294967296; accepted: 0 <= seed < 2\*\*32"),
+        ("training.seed=-1", r"training\.seed=-1; accepted: 0 <= seed < 2\*\*32"),
+        ("model.depths=[2,2,0,2]", r"model\.depths=\[2, 2, 0, 2\]; accepted: a non-empty list of positive block"),
+        ("model.depths=[2,-2,6,2]", r"model\.depths=\[2, -2, 6, 2\]; accepted"),
+        ("model.depths=[2,2", r"override 'model\.depths=\[2,2': the value cannot be parsed.*accepted: a YAML value"),
+        ("data.batch_size=1e400", r"'data\.batch_size'.*could not be converted to Integer"),
+    ],
+)
+def test_non_finite_absurd_and_malformed_values_are_refused(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

@@ -20,18 +20,10 @@ from PIL import Image
 from pretrain.config import PretrainConfig, load_config
 from pretrain.data import DataError, SimMIMTransform, build_pretrain_loader, expand_shards, steps_per_epoch
 from pretrain.shards import write_shards
+from tests.helpers.tiny import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 
-MODEL = [
-    "model.size=tiny",
-    "model.embed_dim=16",
-    "model.depths=[1,1,1,1]",
-    "model.num_heads=[1,2,2,4]",
-    "model.img_size=64",
-    "model.window_size=4",
-    "simmim.mask_patch_size=16",
-]
 N_SHARD_IMAGES = 24
 
 
@@ -64,7 +56,7 @@ def shard_cfg(shard_dir: Path, *extra: str) -> PretrainConfig:
     return load_config(
         None,
         [
-            *MODEL,
+            *TINY_MODEL,
             "data.source=webdataset",
             f"data.path={pattern}",
             "data.batch_size=2",
@@ -141,7 +133,7 @@ def test_corrupt_jpeg_in_shard_is_skipped_and_counted(tmp_path: Path) -> None:
     cfg = load_config(
         None,
         [
-            *MODEL,
+            *TINY_MODEL,
             f"data.path={shard}",
             "data.batch_size=2",
             "data.num_workers=0",
@@ -190,7 +182,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def folder_cfg(folder: Path, *extra: str) -> PretrainConfig:
-    return load_config(None, [*MODEL, "data.source=folder", f"data.path={folder}", "data.num_workers=0", *extra])
+    return load_config(None, [*TINY_MODEL, "data.source=folder", f"data.path={folder}", "data.num_workers=0", *extra])
 
 
 def stacked(batches: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
@@ -243,7 +235,7 @@ def test_folder_errors(tmp_path: Path) -> None:
 
 
 def test_random_resized_crop_parameters() -> None:
-    cfg = load_config(None, MODEL)
+    cfg = load_config(None, TINY_MODEL)
     transform = SimMIMTransform(cfg)
     rng = np.random.default_rng(0)
     for _ in range(300):
@@ -337,7 +329,7 @@ def one_shard_cfg(path: Path, *extra: str) -> PretrainConfig:
     return load_config(
         None,
         [
-            *MODEL,
+            *TINY_MODEL,
             f"data.path={path}",
             "data.batch_size=1",
             "data.num_workers=0",
@@ -454,14 +446,14 @@ def test_transform_constants_of_the_official_pipeline() -> None:
         d = load_config(recipe).data
         assert d.hflip == 0.5 and d.mean == IMAGENET_MEAN and d.std == IMAGENET_STD, recipe.name
         assert d.crop_scale == [0.67, 1.0] and d.crop_ratio == pytest.approx([3 / 4, 4 / 3]), recipe.name
-    transform = SimMIMTransform(load_config(None, MODEL))
+    transform = SimMIMTransform(load_config(None, TINY_MODEL))
     assert transform.hflip == 0.5 and transform.mean == IMAGENET_MEAN and transform.std == IMAGENET_STD
     assert transform.scale == (0.67, 1.0) and transform.ratio == pytest.approx((3 / 4, 4 / 3))
     assert transform.interpolation == TF.InterpolationMode.BILINEAR
 
 
 def test_transform_output_is_crop_bilinear_resize_flip_normalise() -> None:
-    transform = SimMIMTransform(load_config(None, MODEL))
+    transform = SimMIMTransform(load_config(None, TINY_MODEL))
     # Square, so that crops over the whole aspect range fit at every scale.
     image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (160, 160, 3), dtype=np.uint8))
     flips = 0

@@ -95,7 +95,9 @@ def test_evaluation_counts_every_sample_once(data: Path, source_kind: str, world
         for batch in batches:
             assert batch["images"].shape[0] == 2 and batch["valid"].dtype == torch.bool
             valid = batch["valid"]
-            seen += list(zip(np.array(ident(batch))[valid.numpy()].tolist(), batch["labels"][valid].tolist()))
+            seen += list(
+                zip(np.array(ident(batch))[valid.numpy()].tolist(), batch["labels"][valid].tolist(), strict=True)
+            )
             skipped += batch["skipped"]
     # 7 readable images, each once with its training-class label (ant 0, cat 2); the broken file counted once
     # (the folder lists it; the shard writer left it out).

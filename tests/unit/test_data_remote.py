@@ -19,17 +19,9 @@ from pretrain.config import PretrainConfig, load_config
 from pretrain.data import DataError, build_pretrain_loader, resolve_source
 from pretrain.shards import write_shards
 from tests.helpers.shard_server import ShardServer
+from tests.helpers.tiny import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = [
-    "model.size=tiny",
-    "model.embed_dim=16",
-    "model.depths=[1,1,1,1]",
-    "model.num_heads=[1,2,2,4]",
-    "model.img_size=64",
-    "model.window_size=4",
-    "simmim.mask_patch_size=16",
-]
 PATTERN = "shard-{000000..000003}.tar"
 
 
@@ -59,7 +51,7 @@ def cfg_for(path: str, *extra: str) -> PretrainConfig:
     return load_config(
         None,
         [
-            *MODEL,
+            *TINY_MODEL,
             f"data.path={path}",
             "data.batch_size=2",
             "data.num_workers=0",
@@ -178,9 +170,12 @@ def test_corrupt_size_index_warns_and_falls_back_to_counting(shards: Path, tmp_p
         source = resolve_source(cfg_for(f"{copy}/{PATTERN}").data, 1)
     assert source.samples_per_epoch == 24  # counted from the tar headers
     # Remote shards cannot be counted before training: the error asks for samples_per_epoch.
-    with ShardServer(copy) as server, pytest.warns(UserWarning, match=r"sizes\.json is corrupt"):
-        with pytest.raises(DataError, match=r"data\.samples_per_epoch"):
-            resolve_source(cfg_for(server.url(PATTERN)).data, 1)
+    with (
+        ShardServer(copy) as server,
+        pytest.warns(UserWarning, match=r"sizes\.json is corrupt"),
+        pytest.raises(DataError, match=r"data\.samples_per_epoch"),
+    ):
+        resolve_source(cfg_for(server.url(PATTERN)).data, 1)
 
 
 # ------------------------------------------------------------------------------------------------ mixtures
@@ -188,7 +183,14 @@ def mixture_cfg(shards: Path, *extra: str) -> PretrainConfig:
     sources = f"[{{path: '{shards}/out/{PATTERN}', weight: 3}}, {{path: '{shards}/other', weight: 1, name: small}}]"
     return load_config(
         None,
-        [*MODEL, f"data.sources={sources}", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=4", *extra],
+        [
+            *TINY_MODEL,
+            f"data.sources={sources}",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "data.shuffle_buffer=4",
+            *extra,
+        ],
     )
 
 
@@ -228,9 +230,9 @@ def test_mixture_config_errors(override: str, message: str) -> None:
     from pretrain.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [*MODEL, override])
+        load_config(None, [*TINY_MODEL, override])
     with pytest.raises(ConfigError, match="both set"):
-        load_config(None, [*MODEL, "data.path=x.tar", "data.sources=[{path: a.tar}]"])
+        load_config(None, [*TINY_MODEL, "data.path=x.tar", "data.sources=[{path: a.tar}]"])
 
 
 def test_mixture_plan_keeps_running_totals_within_one_sample() -> None:

@@ -11,17 +11,9 @@ import torch
 from pretrain.config import PretrainConfig, load_config
 from pretrain.masking import MaskGenerator
 from pretrain.simmim import SimMIM, build_simmim, normalized_target, simmim_param_groups
+from tests.helpers.tiny import TINY_MODEL
 
-TINY = [
-    "model.size=tiny",
-    "model.embed_dim=16",
-    "model.depths=[1,1,1,1]",
-    "model.num_heads=[1,2,2,4]",
-    "model.img_size=64",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "simmim.mask_patch_size=16",
-]
+TINY = [*TINY_MODEL, "model.drop_path_rate=0.0"]
 
 
 def tiny_cfg(*extra: str) -> PretrainConfig:

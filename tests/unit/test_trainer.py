@@ -13,21 +13,12 @@ import pytest
 import torch
 
 from pretrain.config import load_config
-from pretrain.distributed import LaunchEnv, free_port
+from pretrain.distributed import LaunchEnv
 from pretrain.stopping import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteError, StopFlag
 from pretrain.tasks.simmim import SimMIMTask
 from pretrain.train_state import TrainState
 from pretrain.trainer import Trainer
-
-MODEL = [
-    "model.size=tiny",
-    "model.embed_dim=16",
-    "model.depths=[1,1,1,1]",
-    "model.num_heads=[1,2,2,4]",
-    "model.img_size=64",
-    "model.window_size=4",
-    "simmim.mask_patch_size=16",
-]
+from tests.helpers.tiny import TINY_MODEL
 
 
 class _NonFiniteGradient(torch.autograd.Function):
@@ -57,26 +48,8 @@ class PoisonableTask(SimMIMTask):
 
 
 @pytest.fixture(scope="module")
-def process_group() -> Iterator[None]:
-    port = free_port()
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-@pytest.fixture(scope="module")
 def make_trainer(
-    process_group: None, image_folder: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+    single_rank: LaunchEnv, image_folder: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., Trainer]]:
     made: list[Trainer] = []
 
@@ -84,7 +57,7 @@ def make_trainer(
         cfg = load_config(
             None,
             [
-                *MODEL,
+                *TINY_MODEL,
                 "data.source=folder",
                 f"data.path={image_folder(16)}",
                 "data.batch_size=2",
@@ -98,8 +71,7 @@ def make_trainer(
                 *overrides,
             ],
         )
-        launch = LaunchEnv(0, 1, 0, "127.0.0.1", int(os.environ["MASTER_PORT"]), "none", 1)
-        trainer = Trainer(cfg, launch, PoisonableTask(cfg))
+        trainer = Trainer(cfg, single_rank, PoisonableTask(cfg))
         made.append(trainer)
         return trainer
 
@@ -248,3 +220,45 @@ def test_one_host_read_per_optimizer_step_whatever_the_accumulation(
     for _ in range(2):
         trainer.finish_step(trainer.train_step(batches))
     assert len(reads) == 2, reads
+
+
+def test_a_mixture_logs_its_samples_per_source(
+    make_trainer: Callable[..., Trainer], image_folder: Callable[..., Path], tmp_path: Path
+) -> None:
+    import json
+
+    from pretrain.shards import write_shards
+
+    write_shards(image_folder(16), tmp_path / "a", maxcount=4, progress=False)
+    write_shards(image_folder(24), tmp_path / "b", maxcount=4, progress=False)
+    big, small = tmp_path / "a", tmp_path / "b"
+    sources = f"[{{path: '{big}', weight: 3, name: big}}, {{path: '{small}', weight: 1, name: small}}]"
+    trainer = make_trainer(
+        "data.source=webdataset",
+        "data.path=''",
+        f"data.sources={sources}",
+        "data.batch_size=4",
+        "data.shuffle_buffer=4",
+        "training.max_steps=2",
+        "logging.log_every=2",
+    )
+    assert trainer.train() == 0
+    (record,) = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert record["source_samples/big"] + record["source_samples/small"] == 8  # two steps of 4
+    assert record["source_samples/big"] == 6  # the 3:1 plan, to within one sample per step
+
+
+def test_non_finite_weights_are_never_saved(make_trainer: Callable[..., Trainer]) -> None:
+    trainer = make_trainer("distributed.zero_stage=0")
+    batches = batches_of(trainer)
+    trainer.finish_step(trainer.train_step(batches))
+    trainer.save()
+    with torch.no_grad():
+        next(iter(trainer.engine.module.parameters())).fill_(float("nan"))  # as a bad update would leave them
+    trainer.finish_step(trainer.train_step(batches))  # the step sees a non-finite loss and skips its update
+    with pytest.raises(NonFiniteError, match=r"weights are non-finite at step=2: no checkpoint is written"):
+        trainer.save()
+    complete = sorted(p.parent.name for p in trainer.ckpt_dir.glob("step-*/COMPLETE"))
+    assert complete == ["step-1"] and not (trainer.ckpt_dir / "step-2").exists()
+    with pytest.raises(NonFiniteError, match="the weights became non-finite in the update of step=2"):
+        trainer.finish_step(trainer.train_step(batches))  # the next step's reduction carries the flag to every rank

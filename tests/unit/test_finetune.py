@@ -1,0 +1,282 @@
+"""Fine-tuning in-process (one gloo rank, tiny SwinV2): strict loading from a real pretraining checkpoint at another
+geometry, the official layer-decay groups, Mixup/CutMix targets, evaluation counted once over any world size,
+--eval-only against timm's own logits, and an exact resume of a fine-tune run (folder source)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pretrain.checks import ConfigError
+from pretrain.config import load_config
+from pretrain.data import build_eval_loader, resolve_labelled_source
+from pretrain.distributed import LaunchEnv
+from pretrain.finetune import FinetuneTask, load_finetune_config
+from pretrain.finetune.eval_only import classifier_from, evaluate_path
+from pretrain.finetune.evaluation import classification_sums, metrics_from_sums
+from pretrain.finetune.transforms import build_mixup, eval_transform
+from pretrain.finetune.weights import read_weights
+from pretrain.formats import official_to_timm, save_weights_file
+from pretrain.tasks.simmim import SimMIMTask
+from pretrain.trainer import Trainer
+from swinv2 import SwinTransformerV2
+from tests.helpers.launch import make_image_folder
+
+TINY = ["model.size=tiny", "model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,2,2,4]"]
+CPU = [
+    "training.device=cpu",
+    "training.precision=fp32",
+    "logging.tensorboard=false",
+    "logging.progress_bar=false",
+    "logging.log_every=1",
+    "distributed.zero_stage=0",
+]
+# Fine-tuning geometry: pretraining ran at 64 px / window 4 (stage windows [4, 4, 4, 2]); fine-tuning at 96 / 6.
+FT_GEOMETRY = ["model.img_size=96", "model.window_size=6", "model.pretrained_window_sizes=[4,4,4,2]"]
+
+
+@pytest.fixture(scope="module")
+def launch(single_rank: LaunchEnv) -> LaunchEnv:
+    return single_rank
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ft-data")
+    return {"train": make_image_folder(root / "train", 16), "val": make_image_folder(root / "val", 7, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(launch: LaunchEnv, data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real SimMIM pretraining run (2 steps at 64 px, window 4) with its DeepSpeed checkpoint."""
+    run = tmp_path_factory.mktemp("pretrain")
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            *CPU,
+            "model.img_size=64",
+            "model.window_size=4",
+            "simmim.mask_patch_size=16",
+            "data.source=folder",
+            f"data.path={data['train']}",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            f"training.output_dir={run}",
+            "training.max_steps=2",
+            "logging.image_every=0",
+        ],
+    )
+    trainer = Trainer(cfg, launch, SimMIMTask(cfg))
+    try:
+        assert trainer.train() == 0
+    finally:
+        trainer.close()
+    return run
+
+
+def finetune_cfg(data: dict[str, Path], run_dir: Path, *overrides: str) -> object:
+    return load_finetune_config(
+        None,
+        [
+            *TINY,
+            *CPU,
+            *FT_GEOMETRY,
+            f"data.train_path={data['train']}",
+            f"data.val_path={data['val']}",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            f"training.output_dir={run_dir}",
+            "schedule.epochs=2",
+            "schedule.warmup_epochs=1",
+            "optimizer.lr_reference_batch=0",
+            "optimizer.base_lr=1e-3",
+            *overrides,
+        ],
+    )
+
+
+def jsonl(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_finetune_from_a_pretraining_checkpoint_at_another_geometry_loads_every_key(
+    launch: LaunchEnv, data: dict[str, Path], pretrained_run: Path, tmp_path: Path
+) -> None:
+    source = read_weights(pretrained_run)
+    assert source.kind == "simmim" and source.geometry["img_size"] == 64
+    cfg = finetune_cfg(data, tmp_path / "ft", f"finetune.init={pretrained_run}", "training.max_steps=1")
+    task = FinetuneTask(cfg)
+    trainer = Trainer(cfg, launch, task)
+    try:
+        model = trainer.engine.module
+        assert model.img_size == (96, 96) and model.layers[3].blocks[0].attn.pretrained_window_size == (2, 2)
+        state = model.state_dict()
+        backbone = {k for k in state if not k.startswith("head.")}
+        assert backbone == set(source.weights)  # every backbone key, nothing else
+        assert all(torch.equal(state[k], source.weights[k]) for k in backbone)
+        assert any("strictly" in note for note in task.notes)
+    finally:
+        trainer.close()
+    # A window normaliser that contradicts pretraining is refused before anything is built.
+    bad = finetune_cfg(
+        data, tmp_path / "bad", f"finetune.init={pretrained_run}", "model.pretrained_window_sizes=[0,0,0,0]"
+    )
+    with pytest.raises(ConfigError, match=r"accepted: model.pretrained_window_sizes=\[4, 4, 4, 2\]"):
+        FinetuneTask(bad).resolve_data(1)
+
+
+def test_layer_decay_groups_follow_the_official_ids_and_scales(data: dict[str, Path], tmp_path: Path) -> None:
+    cfg = finetune_cfg(data, tmp_path, "model.depths=[2,2,2,2]", "optimizer.layer_decay=0.75")
+    task = FinetuneTask(cfg)
+    task.resolve_data(1)
+    model = task.build_model()
+    groups = task.param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    depth = 8
+    expected = {
+        "patch_embed.proj.weight": (0, 0.05),
+        "layers.0.blocks.0.attn.qkv.weight": (1, 0.05),
+        "layers.0.blocks.1.norm1.weight": (2, 0.0),
+        "layers.0.downsample.reduction.weight": (2, 0.05),  # the id of the stage's last block
+        "layers.2.blocks.1.attn.cpb_mlp.0.weight": (6, 0.0),  # no decay for the position-bias MLP
+        "layers.3.blocks.1.attn.logit_scale": (8, 0.0),
+        "norm.weight": (9, 0.0),
+        "head.weight": (9, 0.05),
+        "head.bias": (9, 0.0),
+    }
+    found = {names[id(p)]: g for g in groups for p in g["params"]}
+    assert len(found) == sum(1 for _ in model.parameters())
+    for name, (layer, decay) in expected.items():
+        group = found[name]
+        assert (group["layer_id"], group["weight_decay"]) == (layer, decay), name
+        assert group["lr_scale"] == pytest.approx(0.75 ** (depth + 1 - layer)), name
+
+
+def test_mixup_cutmix_targets_sum_to_one(data: dict[str, Path], tmp_path: Path) -> None:
+    cfg = finetune_cfg(data, tmp_path)  # the official 0.8 / 1.0 / smoothing 0.1 defaults
+    mixup = build_mixup(cfg.augment, num_classes=5)
+    torch.manual_seed(0)
+    images, labels = torch.rand(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    for _ in range(6):  # both Mixup and CutMix are drawn over these
+        mixed, targets = mixup(images.clone(), labels)
+        assert mixed.shape == images.shape and targets.shape == (8, 5)
+        torch.testing.assert_close(targets.sum(1), torch.ones(8))
+        assert (targets >= 0.1 / 5 - 1e-6).all()  # smoothing puts mass on every class
+    task = FinetuneTask(finetune_cfg(data, tmp_path, "data.batch_size=3"))
+    with pytest.raises(ConfigError, match=r"even data\.batch_size"):
+        task.resolve_data(1)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_evaluation_counts_every_sample_once_at_any_world_size(
+    data: dict[str, Path], tmp_path: Path, world: int
+) -> None:
+    cfg = finetune_cfg(data, tmp_path, "data.batch_size=2", "model.img_size=32", "model.window_size=4")
+    source = resolve_labelled_source(cfg.data, "val", world)
+    transform = eval_transform(cfg.augment, 32)
+    weight = torch.randn(2, 3 * 32 * 32, generator=torch.Generator().manual_seed(0))
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1) @ weight.T
+
+    total = torch.zeros(5, dtype=torch.float64)
+    for rank in range(world):  # what the all-reduce adds up
+        for batch in build_eval_loader(cfg.data, source, transform, rank=rank, world_size=world):
+            total[:4] += classification_sums(logits(batch["images"]), batch["labels"], batch["valid"])
+    metrics = metrics_from_sums(total)
+    reference = [transform(Image.open(f).convert("RGB")) for f in source.files]
+    ref_logits = logits(torch.stack(reference))
+    ref_top1 = (ref_logits.argmax(1) == torch.tensor(source.labels)).double().mean().item() * 100
+    assert metrics["eval/samples"] == 7
+    assert metrics["eval/top1"] == pytest.approx(ref_top1)
+    assert metrics["eval/top5"] == 100.0  # two classes
+
+
+def test_eval_only_on_a_timm_file_equals_timm_logits(launch: LaunchEnv, data: dict[str, Path], tmp_path: Path) -> None:
+    import timm.models.swin_transformer_v2 as timm_swin
+
+    torch.manual_seed(0)
+    ours = SwinTransformerV2(
+        img_size=32, window_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), num_classes=2
+    )
+    for p in ours.parameters():  # leave the identity-at-init post-norms: make every block act
+        p.data.normal_(0, 0.2)
+    timm_file = tmp_path / "timm.safetensors"
+    save_weights_file(timm_file, official_to_timm(ours.state_dict()), {})
+    timm_model = timm_swin.SwinTransformerV2(
+        img_size=32, window_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), num_classes=2
+    ).eval()
+    timm_model.load_state_dict(official_to_timm(ours.state_dict()))
+    cfg = finetune_cfg(
+        data, tmp_path, "model.img_size=32", "model.window_size=4", "model.pretrained_window_sizes=[0,0,0,0]"
+    )
+    loaded, classes, _ = classifier_from(cfg, str(timm_file))
+    source = resolve_labelled_source(cfg.data, "val", 1, resolve_labelled_source(cfg.data, "train", 1).classes)
+    batch = next(iter(build_eval_loader(cfg.data, source, eval_transform(cfg.augment, 32), rank=0, world_size=1)))
+    with torch.no_grad():
+        expected = timm_model(batch["images"])
+        torch.testing.assert_close(loaded.eval()(batch["images"]), expected, rtol=1e-5, atol=1e-5)
+    # The whole --eval-only path gives the metrics of timm's logits over the validation set.
+    metrics = evaluate_path(cfg, str(timm_file), launch)
+    total = torch.zeros(5, dtype=torch.float64)
+    for b in build_eval_loader(cfg.data, source, eval_transform(cfg.augment, 32), rank=0, world_size=1):
+        with torch.no_grad():
+            total[:4] += classification_sums(timm_model(b["images"]), b["labels"], b["valid"])
+    reference = metrics_from_sums(total)
+    assert classes == 2 and metrics["eval/samples"] == 7
+    for key in ("eval/top1", "eval/top5", "eval/loss"):
+        assert metrics[key] == pytest.approx(reference[key], abs=1e-5), key
+
+
+def test_resume_of_a_finetune_run_continues_exactly(
+    launch: LaunchEnv, data: dict[str, Path], pretrained_run: Path, tmp_path: Path
+) -> None:
+    def run(run_dir: Path, *extra: str) -> Trainer:
+        cfg = finetune_cfg(data, run_dir, f"finetune.init={pretrained_run}", "finetune.ema=true", *extra)
+        trainer = Trainer(cfg, launch, FinetuneTask(cfg))
+        try:
+            assert trainer.train() == 0
+        finally:
+            trainer.close()
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "split", "training.max_steps=3")  # stops mid-epoch 0 (4 steps per epoch)
+    resumed = run(tmp_path / "split")
+    assert "resumed from" in (tmp_path / "split" / "train.log").read_text()
+    a, b = jsonl(tmp_path / "straight"), jsonl(tmp_path / "split")
+    losses = lambda records: {r["step"]: r["loss"] for r in records if "loss" in r}  # noqa: E731
+    evals = lambda records: {r["step"]: r for r in records if "eval/top1" in r}  # noqa: E731
+    assert losses(a) == losses(b) and len(losses(a)) == 8
+    for step, record in evals(a).items():
+        other = evals(b)[step]
+        for key in ("eval/top1", "eval/loss", "eval_ema/loss"):
+            assert record[key] == other[key], (step, key)
+    for x, y in zip(straight.engine.module.parameters(), resumed.engine.module.parameters(), strict=True):
+        assert torch.equal(x, y)
+    best = json.loads((tmp_path / "split" / "checkpoints" / "BEST.json").read_text())
+    assert best["metric"] == "eval/top1" and (tmp_path / "split" / "checkpoints" / best["tag"] / "COMPLETE").is_file()
+
+
+def test_linear_probe_trains_only_its_head(
+    launch: LaunchEnv, data: dict[str, Path], pretrained_run: Path, tmp_path: Path
+) -> None:
+    cfg = finetune_cfg(
+        data, tmp_path, f"finetune.init={pretrained_run}", "finetune.mode=linear", "training.max_steps=2"
+    )
+    trainer = Trainer(cfg, launch, FinetuneTask(cfg))
+    try:
+        model = trainer.engine.module
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        assert trainer.train() == 0
+        changed = sorted(n for n, p in model.named_parameters() if not torch.equal(before[n], p))
+        assert changed == ["head.linear.bias", "head.linear.weight"]
+        assert not model.head.norm.affine and model.head.norm.eps == 1e-6
+        assert model.training and not model.layers.training  # the frozen backbone never leaves eval mode
+    finally:
+        trainer.close()
