@@ -17,6 +17,7 @@ Each section is defined, with its checks, by the component that owns it:
 | distributed | pretrain/engine.py |
 | checkpoint | pretrain/checkpoint/config.py |
 | logging | pretrain/metrics.py |
+| eval | pretrain/tasks/simmim_eval.py |
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .engine import DistributedConfig
 from .metrics import LoggingConfig
 from .optim import OptimizerConfig, ScheduleConfig
 from .simmim import SimMIMConfig
+from .tasks.simmim_eval import EvalConfig
 from .trainer import TrainingConfig
 
 __all__ = ["ConfigError", "PretrainConfig", "load_config", "to_dict", "to_yaml", "validate"]
@@ -55,6 +57,7 @@ class PretrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _section_fields(schema: type, path: str) -> list[str]:
@@ -206,3 +209,4 @@ def validate(cfg: PretrainConfig) -> None:
     values)."""
     check_common(cfg)
     cfg.simmim.check(cfg.model.patch_size, cfg.model.img_size)
+    cfg.eval.check()

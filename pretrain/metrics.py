@@ -331,29 +331,33 @@ class MetricsLogger:
         mean: list[float],
         std: list[float],
         patch_size: int,
+        *,
+        prefix: str = "",
+        count: int = 4,
     ) -> Path | None:
-        """Grid of (input, masked input, reconstruction) rows for up to 4 images, to TensorBoard and a PNG."""
+        """Grid of (input, masked input, reconstruction) rows for up to ``count`` images, to TensorBoard
+        (``{prefix}reconstruction``) and a PNG (``images/{prefix}step-N.png``, "/" written "-").
+
+        ``reconstruction`` is in the input's normalised pixel space (see
+        :func:`pretrain.simmim.reconstruction_in_input_space`), so all three rows are drawn alike.
+        """
         if not self.enabled:
             return None
         from torchvision.utils import make_grid, save_image
 
-        n = min(4, images.shape[0])
+        n = min(count, images.shape[0])
         mean_t = torch.tensor(mean).view(1, -1, 1, 1)
         std_t = torch.tensor(std).view(1, -1, 1, 1)
         images = images[:n].float().cpu() * std_t + mean_t
-        pixel_mask = mask[:n].float().cpu().repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
-        masked = images * (1 - pixel_mask.unsqueeze(1))
-        rec = reconstruction[:n].float().cpu()
-        # The reconstruction lives in target space (locally standardised with norm_target): rescale per image.
-        lo = rec.amin(dim=(1, 2, 3), keepdim=True)
-        hi = rec.amax(dim=(1, 2, 3), keepdim=True)
-        rec = (rec - lo) / (hi - lo + 1e-6)
+        pixels = mask[:n].float().cpu().repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
+        masked = images * (1 - pixels.unsqueeze(1))
+        rec = reconstruction[:n].float().cpu() * std_t + mean_t
         grid = make_grid(torch.cat([images, masked, rec]).clamp(0, 1), nrow=n)
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        path = self.images_dir / f"step-{step:08d}.png"
+        path = self.images_dir / f"{prefix.replace('/', '-')}step-{step:08d}.png"
         save_image(grid, path)
         if self.tb is not None:
-            self.tb.add_image("reconstruction", grid, step)
+            self.tb.add_image(f"{prefix}reconstruction", grid, step)
         self._to_trackers(step, lambda tracker: tracker.log_image(step, path))
         return path
 

@@ -27,6 +27,8 @@ __all__ = [
     "SwinTransformerV2ForSimMIM",
     "build_simmim",
     "normalized_target",
+    "pixel_mask",
+    "reconstruction_in_input_space",
     "simmim_param_groups",
 ]
 
@@ -114,6 +116,17 @@ def _window_sums(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x
 
 
+def _local_moments(x64: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, sqrt(var + 1e-6)) of float64 ``x64`` over each pixel's ``patch_size`` window (see normalized_target)."""
+    if patch_size % 2 == 0:
+        raise ValueError(f"norm target patch size {patch_size} must be odd (the window is centred on each pixel)")
+    count = _window_sums(torch.ones_like(x64[:1, :1]), patch_size)  # in-bounds pixels of each window
+    mean = _window_sums(x64, patch_size) / count
+    mean_sq = _window_sums(x64 * x64, patch_size) / count
+    var = ((mean_sq - mean * mean) * count / (count - 1)).clamp(min=0.0)
+    return mean, (var + 1e-6).sqrt()
+
+
 def normalized_target(x: torch.Tensor, patch_size: int = 47) -> torch.Tensor:
     """Per-channel local standardisation of the image over a ``patch_size`` window (the official NORM_TARGET).
 
@@ -121,14 +134,41 @@ def normalized_target(x: torch.Tensor, patch_size: int = 47) -> torch.Tensor:
     not counted), unbiased variance (n / (n - 1)), clamped at 0, target = (x - mean) / sqrt(var + 1e-6). Statistics
     are accumulated in float64 and the result returned in x's dtype.
     """
-    if patch_size % 2 == 0:
-        raise ValueError(f"norm target patch size {patch_size} must be odd (the window is centred on each pixel)")
     x64 = x.double()
-    count = _window_sums(torch.ones_like(x64[:1, :1]), patch_size)  # in-bounds pixels of each window
-    mean = _window_sums(x64, patch_size) / count
-    mean_sq = _window_sums(x64 * x64, patch_size) / count
-    var = ((mean_sq - mean * mean) * count / (count - 1)).clamp(min=0.0)
-    return ((x64 - mean) / (var + 1e-6).sqrt()).to(x.dtype)
+    mean, scale = _local_moments(x64, patch_size)
+    return ((x64 - mean) / scale).to(x.dtype)
+
+
+def pixel_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Token mask (B, h, w) -> pixel mask (B, 1, h * patch_size, w * patch_size), 1 = masked."""
+    return mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
+
+
+def reconstruction_in_input_space(
+    reconstruction: torch.Tensor,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_target_patch_size: int | None,
+) -> torch.Tensor:
+    """A reconstruction as an image in the input's space (normalised pixels), as SimMIM's paper figures show it.
+
+    With norm_target the model predicts the locally standardised image; the prediction is mapped back through the
+    local mean and sqrt(var + 1e-6) of the input itself (the statistics the target was made with). Visible patches are
+    then pasted from the input, so only the masked patches show the prediction. A perfect prediction gives the input.
+
+    Args:
+        reconstruction: the decoder's output (B, C, H, W) in target space.
+        images: the model's input (B, C, H, W); mask: the token mask (B, H/patch, W/patch), 1 = masked.
+        patch_size: pixels per token side; norm_target_patch_size: the standardisation window, None = norm_target off.
+    """
+    x64 = images.double()
+    prediction = reconstruction.double()
+    if norm_target_patch_size is not None:
+        mean, scale = _local_moments(x64, norm_target_patch_size)
+        prediction = prediction * scale + mean
+    masked = pixel_mask(mask, patch_size).to(torch.bool)
+    return torch.where(masked, prediction, x64).to(images.dtype)
 
 
 class SimMIM(nn.Module):
@@ -157,16 +197,23 @@ class SimMIM(nn.Module):
     def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and the reconstruction (B, C, H, W) (in target space: standardised when norm_target is on)."""
         reconstruction = self.decoder(self.encoder(images, mask))
-        patch = self.encoder.patch_size
-        pixel_mask = mask.repeat_interleave(patch, 1).repeat_interleave(patch, 2).unsqueeze(1)
         # The loss is computed in float32 whatever the module dtype (DeepSpeed bf16/fp16 cast the whole module).
-        images = images.float()
-        with torch.no_grad():  # the target is data: no graph through the 47 x 47 statistics
-            target = normalized_target(images, self.norm_target_patch_size) if self.norm_target else images
-        pixel_mask = pixel_mask.to(torch.float32)
+        target = self.target(images.float())
+        weights = pixel_mask(mask, self.encoder.patch_size).to(torch.float32)
         error = F.l1_loss(reconstruction.float(), target, reduction="none")
-        loss = (error * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / self.in_chans
+        loss = (error * weights).sum() / (weights.sum() + 1e-5) / self.in_chans
         return loss, reconstruction
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """What the decoder regresses for ``images``: the locally standardised image with norm_target, else the
+        image (no graph: the target is data, and no gradient goes through the 47 x 47 statistics)."""
+        with torch.no_grad():
+            return normalized_target(images, self.norm_target_patch_size) if self.norm_target else images
+
+    def to_input_space(self, reconstruction: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:func:`reconstruction_in_input_space` with this model's patch size and norm_target setting."""
+        window = self.norm_target_patch_size if self.norm_target else None
+        return reconstruction_in_input_space(reconstruction, images, mask, self.encoder.patch_size, window)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked-pixel L1 loss (scalar)."""

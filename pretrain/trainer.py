@@ -156,6 +156,8 @@ class Trainer:
         self._grad_norm: torch.Tensor | None = None
         self._weights_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.evaluated_at: int | None = None  # the step of the last evaluation (none twice at one step)
+        # A task with ``eval_every_steps`` (pretraining) evaluates every N steps (0: never) instead of at epoch ends.
+        self.eval_every: int | None = getattr(self.task, "eval_every_steps", None)
         self.saved_at: int | None = None  # the step of this start's last save
         self.best = self._read_best()
         self.window = LogWindow(self.device)
@@ -313,7 +315,8 @@ class Trainer:
                 if code is not None:
                     return code
             del batches  # stops this epoch's data workers before the next epoch starts its own
-            if s.epoch_samples // self.micro_batch + self.accum > self.steps_per_epoch * self.accum:
+            epoch_done = s.epoch_samples // self.micro_batch + self.accum > self.steps_per_epoch * self.accum
+            if epoch_done and self.eval_every is None:
                 self.evaluate(final=s.step >= self.total_steps)  # the epoch is complete (not cut by max_steps)
             s.epoch, s.epoch_samples = s.epoch + 1, 0
         self.evaluate(final=True)
@@ -447,6 +450,8 @@ class Trainer:
         self.task.log_images(self.engine, self.last_batch, s.step, self.metrics)
         if stats.stop or s.step % self.cfg.checkpoint.every_steps == 0 or s.step == self.total_steps:
             self.save()
+        if not stats.stop and self.eval_every and s.step % self.eval_every == 0:
+            self.evaluate(final=s.step >= self.total_steps)
         if not stats.stop:
             return None
         terminate, _ = stats.stop_signals

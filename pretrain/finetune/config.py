@@ -46,6 +46,8 @@ class FinetuneSection:
     # full: every weight trains (layer-wise lr decay); linear: the backbone is frozen and a parameter-free BatchNorm
     # then a linear layer learn on its pooled features (MAE's probe).
     mode: str = "full"
+    # Linear probe: concatenate the average-pooled outputs of the last N stages (1 = the final features only).
+    probe_stages: int = 1
     # Pretrained weights: a DeepSpeed checkpoint of a pretraining run (any ZeRO stage and world size), a consolidated
     # SimMIM or backbone file, or an official/timm/HF backbone; "" = random initialisation.
     init: str = ""
@@ -183,6 +185,16 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     check_common(cfg)
     cfg.finetune.check()
     cfg.augment.check(cfg.model.in_chans)
+    stages = len(cfg.model.resolved("depths"))
+    require(
+        1 <= cfg.finetune.probe_stages <= stages,
+        f"finetune.probe_stages={cfg.finetune.probe_stages}; accepted: 1 to {stages} (the model's stages)",
+    )
+    require(
+        cfg.finetune.probe_stages == 1 or cfg.finetune.mode == "linear",
+        f"finetune.probe_stages={cfg.finetune.probe_stages} with finetune.mode={cfg.finetune.mode!r}; accepted: "
+        f"probe_stages > 1 with mode=linear only (full fine-tuning classifies the final features)",
+    )
     require(
         not (cfg.finetune.ema and cfg.distributed.zero_stage == 3),
         "finetune.ema=true with distributed.zero_stage=3: the average would need every partitioned weight gathered "

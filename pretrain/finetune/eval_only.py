@@ -17,7 +17,7 @@ from ..engine import compute_dtype, resolve_device
 from ..formats import ConversionError
 from .config import FinetuneConfig
 from .evaluation import evaluate
-from .model import build_classifier
+from .model import build_classifier, probe_width
 from .transforms import eval_transform
 from .weights import Pretrained, load_strictly, read_weights
 
@@ -30,6 +30,17 @@ def _head_classes(weights: dict[str, torch.Tensor], source: str) -> tuple[int, s
         if key in weights:
             return int(weights[key].shape[0]), mode
     raise ConfigError(f"{source}: no classification head (head.weight or head.linear.weight): nothing to evaluate")
+
+
+def _probe_stages(cfg: FinetuneConfig, weights: dict[str, torch.Tensor]) -> int:
+    """The stages a probe head was trained on, from its input width (``finetune.probe_stages`` when no count of
+    last stages matches it: strict loading then names the misshaped head)."""
+    head = weights.get("head.linear.weight")
+    if head is None:
+        return cfg.finetune.probe_stages
+    stages = len(cfg.model.resolved("depths"))
+    matches = [n for n in range(1, stages + 1) if probe_width(cfg.model, n) == head.shape[1]]
+    return matches[0] if matches else cfg.finetune.probe_stages
 
 
 def _check_geometry(cfg: FinetuneConfig, pretrained: Pretrained) -> None:
@@ -61,7 +72,7 @@ def classifier_from(cfg: FinetuneConfig, path: str) -> tuple[nn.Module, int, str
         raise ConfigError(f"--eval-only {path}: {exc}") from None
     _check_geometry(cfg, pretrained)
     classes, mode = _head_classes(pretrained.weights, pretrained.source)
-    model = build_classifier(cfg.model, classes, mode)
+    model = build_classifier(cfg.model, classes, mode, _probe_stages(cfg, pretrained.weights))
     try:
         load_strictly(model, pretrained.weights, new_head=False, source=pretrained.source)
     except ConversionError as exc:

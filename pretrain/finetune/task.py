@@ -91,7 +91,7 @@ class FinetuneTask:
     # ---------------------------------------------------------------------------------------------------- model
     def build_model(self) -> SwinTransformerV2:
         cfg = self.cfg
-        model = build_classifier(cfg.model, self.num_classes, cfg.finetune.mode)
+        model = build_classifier(cfg.model, self.num_classes, cfg.finetune.mode, cfg.finetune.probe_stages)
         if self.pretrained is not None:
             count = load_strictly(model, self.pretrained.weights, new_head=True, source=self.pretrained.source)
             self.notes.append(f"loaded {count} tensors of {self.pretrained.source} strictly; the head is new")
@@ -196,7 +196,8 @@ class FinetuneTask:
         """An fp32 copy of the classifier holding the EMA weights (built once, refreshed at each evaluation)."""
         assert self.ema is not None
         if self._ema_model is None:
-            self._ema_model = build_classifier(self.cfg.model, self.num_classes, self.cfg.finetune.mode).to(device)
+            f = self.cfg.finetune
+            self._ema_model = build_classifier(self.cfg.model, self.num_classes, f.mode, f.probe_stages).to(device)
         self._ema_model.load_state_dict(self.ema.state_dict())
         return self._ema_model
 

@@ -6,7 +6,8 @@ the engine, accumulation, the non-finite guard, preemption, logging, checkpoints
 :class:`pretrain.tasks.simmim.SimMIMTask`; classification fine-tuning is :class:`pretrain.finetune.FinetuneTask`.
 
 Optional hooks (the trainer calls them only where a task defines them; see :class:`TaskHooks`): ``evaluate`` at the
-end of each epoch and of the run, ``best_metric`` (the ``evaluate`` key whose maximum keeps its checkpoint),
+end of each epoch and of the run (a task with ``eval_every_steps`` is evaluated every that many steps instead of at
+epoch ends: SimMIM pretraining), ``best_metric`` (the ``evaluate`` key whose maximum keeps its checkpoint),
 ``after_step`` after every applied update, and ``state_dict``/``load_state_dict`` for what the task carries across
 a resume (saved with every checkpoint).
 """
@@ -79,8 +80,11 @@ class Task(Protocol):
 
 
 class TaskHooks(Protocol):
-    """The optional hooks of a task (a task may define any of them; SimMIM defines none)."""
+    """The optional hooks of a task (a task may define any of them; SimMIM defines ``evaluate``, ``best_metric`` and
+    ``eval_every_steps``; fine-tuning all but ``eval_every_steps``)."""
 
+    # Evaluate every N optimizer steps (0: never) and at the end, instead of at epoch ends.
+    eval_every_steps: int
     # The key of ``evaluate``'s result whose new maximum keeps that step's checkpoint besides the last k; None: none.
     best_metric: str | None
 
