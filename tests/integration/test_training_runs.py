@@ -532,3 +532,28 @@ def test_output_dir_on_a_read_only_filesystem_is_one_line_naming_it(tmp_path: Pa
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert f"training.output_dir={str(readonly / 'run')!r} cannot be written: Read-only file system" in last, last
+
+
+def test_two_ranks_train_on_http_shards(tmp_path: Path, images: Path) -> None:
+    """Shards served by a real HTTP server: the size index is read from beside them, both ranks stream them."""
+    from pretrain.shards import write_shards
+    from tests.helpers.shard_server import ShardServer
+
+    write_shards(images, tmp_path / "shards", maxcount=12, progress=False)  # 4 shards of 12 and sizes.json
+    run_dir = tmp_path / "run"
+    with ShardServer(tmp_path / "shards") as server:
+        args = tiny_overrides(
+            run_dir,
+            images,
+            **{
+                "data.source": "webdataset",
+                "data.path": server.url("shard-{000000..000003}.tar"),
+                "data.shuffle_buffer": 8,
+                "training.max_steps": 3,
+                "logging.log_every": 1,
+            },
+        )
+        codes = run_ranks(args, 2, tmp_path / "logs", timeout=300)
+    assert codes == [0, 0], log_text(tmp_path / "logs")
+    assert sorted(losses(run_dir)) == [1, 2, 3]
+    assert "6 per epoch" in log_text(tmp_path / "logs")  # 48 samples from the remote sizes.json, 2 ranks x 4

@@ -280,3 +280,26 @@ def test_linear_probe_trains_only_its_head(
         assert model.training and not model.layers.training  # the frozen backbone never leaves eval mode
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large", "huge", "giant"])
+def test_recipes_hold_the_official_fine_tuning_values(size: str) -> None:
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / f"finetune_swinv2_{size}_224_w14.yaml"
+    cfg = load_finetune_config(recipe)
+    assert (cfg.model.size, cfg.model.img_size, cfg.model.window_size) == (size, 224, 14)
+    assert list(cfg.model.pretrained_window_sizes) == [12, 12, 12, 6]
+    o, s, a = cfg.optimizer, cfg.schedule, cfg.augment
+    assert (o.base_lr, o.warmup_lr, o.min_lr, o.weight_decay, o.layer_decay) == (1.25e-3, 2.5e-7, 2.5e-7, 0.05, 0.75)
+    assert o.lr_reference_batch == 512 and (s.epochs, s.warmup_epochs) == (100, 20)
+    assert cfg.model.drop_path_rate == 0.1 and a.auto_augment == "rand-m9-mstd0.5-inc1" and a.color_jitter == 0.4
+    assert (a.reprob, a.remode, a.mixup, a.cutmix, a.label_smoothing) == (0.25, "pixel", 0.8, 1.0, 0.1)
+    assert a.interpolation == "bicubic"
+
+
+def test_linear_probe_recipe_loads() -> None:
+
+    cfg = load_finetune_config(
+        Path(__file__).resolve().parents[2] / "configs" / "finetune_linprobe_swinv2_base_224_w14.yaml"
+    )
+    assert cfg.finetune.mode == "linear" and cfg.model.size == "base"
