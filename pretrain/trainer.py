@@ -147,6 +147,8 @@ class Trainer:
             cfg, self.world, self.steps_per_epoch, self.task, load_universal=universal
         )
         self.optimizer = self.schedule.optimizer  # the optimizer beneath DeepSpeed's wrappers (its skip switch)
+        for note in getattr(self.task, "notes", ()):  # what the task found out while building (weights loaded, ...)
+            self.metrics.message(note)
         if resume_from is not None:
             self._restore(resume_from)
         self.dtype = compute_dtype(cfg)

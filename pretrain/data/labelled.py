@@ -37,6 +37,7 @@ __all__ = [
     "CLASS_INDEX",
     "IGNORE_LABEL",
     "LabelledSource",
+    "StridedBatches",
     "build_classification_loader",
     "build_eval_loader",
     "resolve_labelled_source",
@@ -287,7 +288,10 @@ class _EvalFolder(Dataset):
         return _eval_item(tensor, self.labels[index], real and passed == 0, int(real and passed > 0))
 
 
-class _StridedBatches(torch.utils.data.Sampler):
+class StridedBatches(torch.utils.data.Sampler):
+    """Evaluation batches of one rank: batch b holds global positions ``rank + (b * batch + k) * world``, so the
+    ranks together read positions 0, 1, 2, ... once each (the last ones padding past the end)."""
+
     def __init__(self, batches: int, batch: int, rank: int, world: int) -> None:
         self.batches, self.batch, self.rank, self.world = batches, batch, rank, world
 
@@ -355,7 +359,7 @@ def build_eval_loader(
     """
     batches = _eval_batches(source.samples_per_epoch, cfg.batch_size, world_size)
     if source.kind == "folder":
-        sampler = _StridedBatches(batches, cfg.batch_size, rank, world_size)
+        sampler = StridedBatches(batches, cfg.batch_size, rank, world_size)
         dataset = _EvalFolder(source, transform)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_eval, **loader_options(cfg))
     # One reader keeps the stride over the samples in order (evaluation sets are read once per evaluation).

@@ -85,6 +85,8 @@ class TaskHooks(Protocol):
 
     # Evaluate every N optimizer steps (0: never) and at the end, instead of at epoch ends.
     eval_every_steps: int
+    # Lines for the run's log about what building the model found (e.g. which pretrained weights were loaded).
+    notes: list[str]
     # The key of ``evaluate``'s result whose new maximum keeps that step's checkpoint besides the last k; None: none.
     best_metric: str | None
 

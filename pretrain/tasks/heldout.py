@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..data import SHARD_IMAGE_KEYS, DataError, ShardSet, decode_image, list_images, to_rgb
 from ..data.folder import read_position
+from ..data.labelled import StridedBatches
 from ..data.loader import loader_options
 from ..data.source import resolve_shard_set
 from ..data.stream import LostSamples, read_shard
@@ -129,18 +130,6 @@ class _Folder(Dataset):
         return tensor, self.masks(q), real and passed == 0, int(real and passed > 0)
 
 
-class _Strided(torch.utils.data.Sampler):
-    def __init__(self, batches: int, batch: int, rank: int, world: int) -> None:
-        self.batches, self.batch, self.rank, self.world = batches, batch, rank, world
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for b in range(self.batches):
-            yield [self.rank + (b * self.batch + k) * self.world for k in range(self.batch)]
-
-
 class _Shards(IterableDataset):
     """One reader per rank over the shards in order; sample g (of the first ``samples``) is rank g % world's."""
 
@@ -208,7 +197,9 @@ def build_heldout_loader(
         rank, world_size: this rank and the number of ranks.
     """
     if heldout.kind == "folder":
-        sampler = _Strided(_batches(heldout.samples, cfg.batch_size, world_size), cfg.batch_size, rank, world_size)
+        sampler = StridedBatches(
+            _batches(heldout.samples, cfg.batch_size, world_size), cfg.batch_size, rank, world_size
+        )
         dataset = _Folder(heldout, transform, masks)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate, **loader_options(cfg))
     stream = _Shards(heldout, transform, masks, cfg.batch_size, rank, world_size)
