@@ -1,13 +1,16 @@
 """Fine-tuning end to end with 2 gloo ranks: SimMIM pretraining under ZeRO-2 (64 px, window 4), fine-tuning from its
 DeepSpeed checkpoint at another geometry (96 px, window 6, pretrained windows [4, 4, 4, 2]) under ZeRO-2 with every
 backbone key loaded strictly, evaluation over 7 validation images (not divisible by 2) counted once, and
-``--eval-only`` on the fine-tuned checkpoint reproducing the last evaluation."""
+``--eval-only`` on the fine-tuned checkpoint reproducing the last evaluation. And preemption of a one-rank fine-tune
+on a class folder: SIGTERM saves and exits 75, and the resumed run continues exactly as an uninterrupted one."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,96 @@ def test_finetune_from_a_zero2_pretraining_checkpoint_with_distributed_evaluatio
     assert result["eval/samples"] == 7
     for key in ("eval/top1", "eval/top5", "eval/loss"):
         assert result[key] == pytest.approx(evals[0][key], abs=1e-5), key
+
+
+def _finetune_args(run_dir: Path, train: Path, val: Path, **extra: object) -> list[str]:
+    """A tiny one-rank fine-tune with the recipe's augmentations (RandAugment, random erasing, Mixup/CutMix, label
+    smoothing) and drop path on: every random draw they make must continue exactly across a resume."""
+    values: dict[str, object] = {
+        "model.size": "tiny",
+        "model.embed_dim": 16,
+        "model.depths": "[1,1,1,1]",
+        "model.num_heads": "[1,1,2,2]",
+        "model.img_size": 32,
+        "model.window_size": 4,
+        "model.pretrained_window_sizes": "[0,0,0,0]",
+        "model.drop_path_rate": 0.1,
+        "augment.auto_augment": "rand-m9-mstd0.5-inc1",
+        "data.source": "folder",
+        "data.train_path": str(train),
+        "data.val_path": str(val),
+        "data.batch_size": 4,
+        "data.num_workers": 0,
+        "optimizer.lr_reference_batch": 0,
+        "optimizer.base_lr": 1e-3,
+        "schedule.epochs": 50,  # long: the preempted run must still be going when the signal arrives
+        "schedule.warmup_epochs": 1,
+        "finetune.eval_every_epochs": 0,
+        "training.output_dir": str(run_dir),
+        "training.device": "cpu",
+        "training.precision": "fp32",
+        "distributed.zero_stage": 0,
+        "checkpoint.every_steps": 1000,
+        "logging.log_every": 1,
+        "logging.tensorboard": False,
+        "logging.progress_bar": False,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pretrain.finetune", *args],
+            cwd=REPO,
+            env=rank_env(0, 1, free_port()),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_preempted_finetune_saves_exits_75_and_resumes_exactly(tmp_path: Path) -> None:
+    """SIGTERM to a running ``python -m pretrain.finetune`` (one rank, class folders): a complete checkpoint at the
+    step it was in, exit 75; the resumed run's losses equal those of an uninterrupted run, bit for bit."""
+    train = make_image_folder(tmp_path / "train", 40)  # 10 steps per epoch: the signal lands mid-epoch mostly
+    val = make_image_folder(tmp_path / "val", 6, seed=1)
+    end = 16
+    # The uninterrupted reference runs beside the preempted run (start-up is most of the time of both).
+    straight_dir = tmp_path / "straight"
+    straight = _start(_finetune_args(straight_dir, train, val, **{"training.max_steps": end}), tmp_path / "s.log")
+    run_dir, log = tmp_path / "preempted", tmp_path / "preempted.log"
+    proc = _start(_finetune_args(run_dir, train, val), log)
+    try:
+        deadline = time.time() + 180
+        while "step=2/" not in log.read_text() and time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 75, log.read_text()[-3000:]
+        assert straight.wait(timeout=180) == 0, (tmp_path / "s.log").read_text()[-3000:]
+    finally:
+        for p in (proc, straight):
+            if p.poll() is None:
+                p.kill()
+    text = log.read_text()
+    assert "preempted (SIGTERM)" in text and "exiting with code 75" in text, text[-3000:]
+    saved = [int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*/COMPLETE")]
+    assert len(saved) == 1 and 2 <= saved[0] <= end - 2, text[-3000:]
+    stop = saved[0]
+    assert max(_train_losses(run_dir)) == stop  # nothing was trained past the saved step
+
+    resumed = _start(_finetune_args(run_dir, train, val, **{"training.max_steps": end}), tmp_path / "r.log")
+    assert resumed.wait(timeout=180) == 0, (tmp_path / "r.log").read_text()[-3000:]
+    resumed_text = (tmp_path / "r.log").read_text()
+    assert "resumed from" in resumed_text and f"at step={stop} " in resumed_text, resumed_text[-3000:]
+
+    reference, continued = _train_losses(straight_dir), _train_losses(run_dir)
+    assert sorted(reference) == sorted(continued) == list(range(1, end + 1))
+    for step in range(1, end + 1):
+        assert continued[step] == reference[step], f"step {step}: {continued[step]} != uninterrupted {reference[step]}"

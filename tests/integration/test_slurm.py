@@ -196,7 +196,9 @@ def _resumed_after_signal(env: dict[str, str], job_id: str, log: Path, run: Path
     assert f"resumed from {run / 'checkpoints' / f'step-{step}'} at step={step}" in text, text[-4000:]
     first_run, second_run = text.split("resumed from", 1)
     assert int(re.search(r"\nstep=(\d+)/", second_run).group(1)) == step + 1, second_run[:3000]
-    assert "tasks 0-1: Exited with exit code 75" in first_run, first_run[-3000:]
+    # srun reports the two tasks on one line ("tasks 0-1") when they end together, else one line each.
+    both = "tasks 0-1: Exited with exit code 75" in first_run
+    assert both or all(f"task {t}: Exited with exit code 75" in first_run for t in (0, 1)), first_run[-3000:]
     assert "forcing job termination" not in first_run and "killed by signal" not in first_run, first_run[-3000:]
     assert f"requeueing job {job_id} (checkpoint saved after " in first_run, first_run[-3000:]
     return saved.group(1), first_run

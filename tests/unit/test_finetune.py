@@ -303,3 +303,18 @@ def test_linear_probe_recipe_loads() -> None:
         Path(__file__).resolve().parents[2] / "configs" / "finetune_linprobe_swinv2_base_224_w14.yaml"
     )
     assert cfg.finetune.mode == "linear" and cfg.model.size == "base"
+
+
+def test_randaugment_posterize_at_magnitude_ten_gives_black_not_an_error() -> None:
+    """``rand-m9-mstd0.5`` reaches magnitude 10, where PosterizeIncreasing keeps 0 bits; Pillow 13 refuses that."""
+    from pretrain.finetune.config import AugmentConfig
+    from pretrain.finetune.transforms import train_transform
+
+    transform = train_transform(AugmentConfig(), 32)
+    (randaugment,) = [step for step in transform.transforms if hasattr(step, "ops")]
+    (posterize,) = [op for op in randaugment.ops if op.name.startswith("Posterize")]
+    image = Image.new("RGB", (32, 32), (200, 120, 40))
+    posterize.magnitude, posterize.magnitude_std, posterize.prob = 10, 0, 1.0
+    assert posterize(image).getextrema() == ((0, 0), (0, 0), (0, 0))
+    posterize.magnitude = 5  # 2 bits kept: the usual posterize
+    assert posterize(image).getpixel((0, 0)) == (192, 64, 0)

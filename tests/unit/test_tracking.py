@@ -4,6 +4,7 @@ and a second logger on the same run directory continuing the same tracked run.""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import struct
 from pathlib import Path
@@ -91,7 +92,9 @@ def test_wandb_offline_run_holds_the_scalars_and_images_and_a_resume_continues_i
     second.close()
     assert json.loads((run_dir / "tracking" / "wandb.json").read_text())["run_id"] == run_id
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2 and all(path.name.endswith(f"-{run_id}") for path in offline)
+    # W&B names a run's folder offline-run-<time>-<id>, with "-1" appended when a folder of that name exists (two
+    # starts within one second).
+    assert len(offline) == 2 and all(re.search(rf"-{run_id}(-\d+)?$", path.name) for path in offline), offline
 
     (first_id, first_rows), (second_id, second_rows) = (_wandb_history(d / f"run-{run_id}.wandb") for d in offline)
     assert first_id == second_id == run_id
