@@ -297,6 +297,11 @@ def test_recipes_hold_the_official_fine_tuning_values(size: str) -> None:
     assert a.interpolation == "bicubic"
 
 
+def test_cpu_demo_recipe_loads() -> None:
+    cfg = load_finetune_config(Path(__file__).resolve().parents[2] / "configs" / "demo_finetune_cpu.yaml")
+    assert cfg.finetune.mode == "full" and cfg.augment.auto_augment == "rand-m9-mstd0.5-inc1"
+
+
 def test_linear_probe_recipe_loads() -> None:
 
     cfg = load_finetune_config(
