@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _timing import interleaved_seconds_per_step
 
 from pretrain.backbone import ModelConfig, backbone_kwargs
 from pretrain.finetune.config import AugmentConfig, FinetuneConfig
@@ -133,31 +133,6 @@ def _step_fn(
     return step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(steps: dict[str, Callable[[], None]], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Best seconds per step of each entry over ``args.repeats`` interleaved rounds, after two warm-up steps each."""
-    for name, fn in steps.items():  # warm-up (allocator, AdamW state, oneDNN caches, compilation)
-        start = time.perf_counter()
-        fn()
-        if name == "ours-compiled":
-            print(f"torch.compile of ours: first step {time.perf_counter() - start:.0f} s", flush=True)
-        fn()
-    best = dict.fromkeys(steps, float("inf"))
-    for _ in range(args.repeats):
-        for name, fn in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            _sync(device)
-            best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
-    return best
-
-
 def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """One row per precision and variant of ours: img/s, timm's img/s and the ratio."""
     cfg = _config(args)
@@ -176,7 +151,10 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
             compiled, _ = _build_pair(cfg, args.classes, device)
             compile_blocks(compiled)
             steps["ours-compiled"] = _step_fn("ours", compiled, cfg, args, dtypes[precision])
-        ips = {name: args.batch / seconds for name, seconds in _time(steps, args, device).items()}
+        best, first = interleaved_seconds_per_step(steps, args.steps, args.repeats, device)
+        if "ours-compiled" in first:
+            print(f"torch.compile of ours ({precision}): first step {first['ours-compiled']:.0f} s", flush=True)
+        ips = {name: args.batch / seconds for name, seconds in best.items()}
         for name in [n for n in ips if n != "timm"]:
             rows.append({"precision": precision, "model": name, "img_s": ips[name], "timm_img_s": ips["timm"]})
             print(

@@ -29,7 +29,6 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from any directory
+from _timing import seconds_per_step, sync  # noqa: E402  (bench/ is the script's folder)
 
 RECIPE = REPO / "configs" / "simmim_swinv2_base_192_w12.yaml"
 # A small model for the numerics check (tiny SwinV2: 4 stages of 2 blocks, 64 px, window 4).
@@ -94,22 +94,6 @@ def _batch(cfg: Any, batch: int, device: torch.device, dtype: torch.dtype) -> tu
     grid = cfg.model.img_size // cfg.model.patch_size
     mask = (torch.rand(batch, grid, grid, generator=generator) < 0.6).float()
     return images.to(device, dtype), mask.to(device)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _seconds_per_step(step: Callable[[], None], steps: int, device: torch.device, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) / steps
 
 
 # ---------------------------------------------------------------------------------------------------- numerics
@@ -171,7 +155,7 @@ def attention(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             model(images, mask).backward()
 
         _reset_peak(device)
-        seconds = _seconds_per_step(step, args.steps, device)
+        seconds = seconds_per_step(step, args.steps, device)
         losses[impl] = model(images, mask).item()
         result[impl] = {"ms_per_step": 1e3 * seconds, "img_per_s": batch / seconds, "peak_gib": _peak_gib(device)}
         del model
@@ -253,9 +237,9 @@ def train_step(
 
     first = time.perf_counter()
     step()  # the first step carries compilation and DeepSpeed's lazy set-up
-    _sync(device)
+    sync(device)
     row["first_step_s"] = time.perf_counter() - first
-    seconds = _seconds_per_step(step, args.steps, device, warmup=1)
+    seconds = seconds_per_step(step, args.steps, device, warmup=1)
     row.update(
         s_per_step=seconds,
         img_per_s=args.batch / seconds,

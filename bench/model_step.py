@@ -26,13 +26,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _timing import interleaved_seconds_per_step
 
 from swinv2 import compile_blocks, create_model, official_to_timm
 
@@ -65,11 +65,6 @@ def _step_fn(model: torch.nn.Module, batch: int, img: int, device: torch.device,
     return step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     for precision, dtype in (("fp32", None), ("bf16-autocast", torch.bfloat16)):
@@ -80,23 +75,9 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
             compiled, _ = _build_pair(args.img, args.window, device, args.attn_impl)
             compile_blocks(compiled)
             steps["ours-compiled"] = _step_fn(compiled, args.batch, args.img, device, dtype)
-        best = {name: float("inf") for name in steps}
-        for name, fn in steps.items():  # warm-up (allocator, AdamW state, oneDNN primitive caches, compilation)
-            start = time.perf_counter()
-            fn()
-            if name == "ours-compiled":
-                print(
-                    f"torch.compile of ours ({precision}): first step {time.perf_counter() - start:.0f} s", flush=True
-                )
-            fn()
-        for _ in range(args.repeats):
-            for name, fn in steps.items():
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    fn()
-                _sync(device)
-                best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
+        best, first = interleaved_seconds_per_step(steps, args.steps, args.repeats, device)
+        if "ours-compiled" in first:
+            print(f"torch.compile of ours ({precision}): first step {first['ours-compiled']:.0f} s", flush=True)
         ips = {name: args.batch / t for name, t in best.items()}
         for name in [n for n in ips if n != "timm"]:
             rows.append({"precision": precision, "model": name, "img_s": ips[name], "timm_img_s": ips["timm"]})

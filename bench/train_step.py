@@ -14,20 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 
 import torch
+from _timing import seconds_per_step
 
-
-def _time(step, steps: int, repeats: int) -> float:
-    step()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        best = min(best, (time.perf_counter() - start) / steps)
-    return best
+CPU = torch.device("cpu")
 
 
 def main() -> None:
@@ -97,7 +88,7 @@ def _measure(precision: str, args: argparse.Namespace) -> list[tuple[str, float,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    rows = [("bare", _time(bare_step, args.steps, args.repeats), flops)]
+    rows = [("bare", seconds_per_step(bare_step, args.steps, CPU, warmup=1, repeats=args.repeats), flops)]
     for stage in args.zero:
         stage_cfg = load_config(None, [*base, f"distributed.zero_stage={stage}"])
         engine, _ = build_engine(stage_cfg, 1, steps_per_epoch=1000, task=SimMIMTask(stage_cfg))
@@ -107,7 +98,9 @@ def _measure(precision: str, args: argparse.Namespace) -> list[tuple[str, float,
             engine.backward(engine(x, mask))
             engine.step()
 
-        rows.append((f"zero{stage}", _time(engine_step, args.steps, args.repeats), flops))
+        rows.append(
+            (f"zero{stage}", seconds_per_step(engine_step, args.steps, CPU, warmup=1, repeats=args.repeats), flops)
+        )
     return rows
 
 

@@ -41,7 +41,7 @@ from .metrics import LoggingConfig
 from .optim import OptimizerConfig, ScheduleConfig
 from .simmim import SimMIMConfig
 from .tasks.simmim_eval import EvalConfig
-from .trainer import TrainingConfig
+from .train_config import TrainingConfig
 
 __all__ = ["ConfigError", "PretrainConfig", "load_config", "to_dict", "to_yaml", "validate"]
 

@@ -1,4 +1,5 @@
-"""The training loop shared by every task (SimMIM pretraining, fine-tuning), and its ``training`` config section.
+"""The training loop shared by every task (SimMIM pretraining, fine-tuning); its ``training`` config section is
+:mod:`pretrain.train_config`.
 
 How a run ends (exit codes, stop signals) is :mod:`pretrain.stopping`; what it carries from step to step is
 :mod:`pretrain.train_state`.
@@ -16,7 +17,6 @@ import platform
 import resource
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ import torch.distributed as dist
 from swinv2 import compile_counts
 
 from .checkpoint import CheckpointError, mark_best, read_best, resume_target, save_checkpoint
-from .checks import ConfigError, one_of, require
+from .checks import ConfigError
+from .config import to_dict, to_yaml
 from .distributed import LaunchEnv, init_process_group, leave_process_group
 from .engine import (
     build_engine,
@@ -39,57 +40,13 @@ from .engine import (
 )
 from .metrics import MetricsLogger, peak_flops
 from .optim import all_finite
-from .profiling import ProfileConfig, ProfileWindow
+from .profiling import ProfileWindow
 from .runlock import RunLock, acquire_run_lock
 from .stopping import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteError, PeerFailure, StopFlag, exit_code_for
 from .tasks import Batch, Task
 from .train_state import LogWindow, StepStats, TrainState
 
-__all__ = ["Trainer", "TrainingConfig", "run"]
-
-PRECISIONS = ("bf16", "fp16", "fp32")
-DEVICES = ("auto", "cuda", "cpu")
-
-
-@dataclass
-class TrainingConfig:
-    output_dir: str = "runs/simmim"
-    seed: int = 0
-    # bf16 (default), fp16 (dynamic loss scaling) or fp32.
-    precision: str = "bf16"
-    grad_accum_steps: int = 1
-    # Stop after this many optimizer steps (None = run the whole schedule).
-    max_steps: int | None = None
-    # Non-finite loss or gradients: the step's update is skipped on every rank and counted; training stops after
-    # this many in a row.
-    max_nonfinite_steps: int = 10
-    # auto: cuda when available, else cpu.
-    device: str = "auto"
-    # TF32 tensor cores for fp32 matmuls and convolutions on CUDA (false: strict IEEE fp32); no effect on the CPU.
-    tf32: bool = True
-    # A torch.profiler trace of a few steps (pretrain/profiling.py).
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
-
-    def check(self) -> None:
-        one_of("training.precision", self.precision, PRECISIONS)
-        one_of("training.device", self.device, DEVICES)
-        require(bool(self.output_dir), "training.output_dir is empty; accepted: a directory path")
-        # numpy's and torch's generators take seeds in [0, 2**32); the trainer derives per-rank seeds from it.
-        require(0 <= self.seed < 2**32, f"training.seed={self.seed}; accepted: 0 <= seed < 2**32")
-        require(self.grad_accum_steps >= 1, f"training.grad_accum_steps={self.grad_accum_steps}; accepted: 1 or more")
-        require(
-            self.max_steps is None or self.max_steps > 0, f"training.max_steps={self.max_steps}; accepted: > 0 or null"
-        )
-        require(
-            self.max_nonfinite_steps >= 1,
-            f"training.max_nonfinite_steps={self.max_nonfinite_steps}; accepted: 1 or more",
-        )
-        require(
-            not (self.precision == "fp16" and self.device == "cpu"),
-            "training.precision=fp16 is not supported on training.device=cpu; accepted there: bf16, fp32",
-        )
-        self.profile.check()
-
+__all__ = ["Trainer", "run"]
 
 def _versions() -> dict[str, str]:
     import deepspeed
@@ -127,8 +84,6 @@ class Trainer:
         init_process_group(self._backend(), cfg.distributed.timeout_minutes)
         try:
             self._agree_on_startup()
-            from .config import to_dict  # the config module imports this one (it owns the training section)
-
             self.metrics = MetricsLogger(self.run_dir, cfg.logging, self.rank, self.total_steps, to_dict(cfg))
             for text in self._early_messages:
                 self.metrics.message(text)
@@ -224,7 +179,6 @@ class Trainer:
         """Rank 0: create the run directory, take its run lock (a second run in it stops here) and write the
         config."""
         from .atomic import write_text_atomic
-        from .config import to_yaml
 
         where = f"training.output_dir={str(self.run_dir)!r}"
         if self.run_dir.exists() and not self.run_dir.is_dir():
@@ -566,8 +520,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- checkpoint
     def client_state(self) -> dict[str, Any]:
         """What is saved with the engine's state: the TrainState and what tools read (config, world size, stage)."""
-        from .config import to_dict  # the config module imports this one (it owns the training section)
-
         return {
             **self.state.state_dict(),
             "data_position": self.state.epoch_samples // self.micro_batch,  # per-rank batches, for tools

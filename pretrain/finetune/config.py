@@ -20,7 +20,7 @@ from ..data import LabelledDataConfig
 from ..engine import DistributedConfig
 from ..metrics import LoggingConfig
 from ..optim import OptimizerConfig, ScheduleConfig
-from ..trainer import TrainingConfig
+from ..train_config import TrainingConfig
 
 __all__ = [
     "INIT_FORMATS",

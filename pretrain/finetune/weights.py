@@ -80,10 +80,14 @@ def _from_hf(path: Path) -> Pretrained:
 
     state, config = read_hf_directory(path)
     converted = hf_to_official(state)
-    if any(k.startswith("decoder.") for k in converted):  # Swinv2ForMaskedImageModeling
-        converted = {k: v for k, v in converted.items() if not k.startswith("decoder.")}
+    masked_image_modeling = any(k.startswith("decoder.") for k in converted)  # Swinv2ForMaskedImageModeling
+    if masked_image_modeling:  # its encoder is the backbone; the decoder and the mask token stay behind
+        converted = {k: v for k, v in converted.items() if not k.startswith("decoder.") and k != "mask_token"}
     spec = spec_from_hf_config(config)
-    return _by_layout(converted, f"{path} (HF)", _geometry(spec.to_dict()))
+    pretrained = _by_layout(converted, f"{path} (HF)", _geometry(spec.to_dict()))
+    if masked_image_modeling:
+        pretrained.kind = "simmim"
+    return pretrained
 
 
 def _by_layout(state: dict[str, torch.Tensor], source: str, geometry: dict[str, Any] | None) -> Pretrained:

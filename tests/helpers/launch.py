@@ -101,37 +101,63 @@ def make_image_folder(root: Path, count: int, size: int = 48, seed: int = 0) -> 
     return root
 
 
+# What every tiny test run shares, pretraining or fine-tuning: the model (img 32, 4 stages, 1 block each), fp32 on
+# the CPU without ZeRO, a log line per step, no TensorBoard or progress bar.
+_TINY_RUN: dict[str, object] = {
+    "model.size": "tiny",
+    "model.embed_dim": 16,
+    "model.depths": "[1,1,1,1]",
+    "model.num_heads": "[1,1,2,2]",
+    "model.img_size": 32,
+    "model.window_size": 4,
+    "model.drop_path_rate": 0.0,
+    "data.batch_size": 4,
+    "data.num_workers": 0,
+    "optimizer.lr_reference_batch": 0,
+    "schedule.warmup_epochs": 1,
+    "training.precision": "fp32",
+    "training.device": "cpu",
+    "distributed.zero_stage": 0,
+    "distributed.timeout_minutes": 2,
+    "checkpoint.every_steps": 1000,
+    "logging.log_every": 1,
+    "logging.progress_bar": False,
+    "logging.tensorboard": False,
+}
+
+
+def _as_overrides(values: dict[str, object], extra: dict[str, object]) -> list[str]:
+    return [f"{k}={v}" for k, v in {**values, **extra}.items()]
+
+
 def tiny_overrides(run_dir: Path, data: Path, **extra: object) -> list[str]:
-    """A very small SimMIM config (img 32, 4 stages, 1 block each) on an image folder, fp32 on CPU."""
-    values: dict[str, object] = {
-        "model.size": "tiny",
-        "model.embed_dim": 16,
-        "model.depths": "[1,1,1,1]",
-        "model.num_heads": "[1,1,2,2]",
-        "model.img_size": 32,
-        "model.window_size": 4,
-        "model.drop_path_rate": 0.0,
+    """A very small SimMIM config on an image folder (see _TINY_RUN); ``extra`` overrides any key."""
+    values = {
+        **_TINY_RUN,
         "simmim.mask_patch_size": 8,
         "simmim.norm_target_patch_size": 7,
         "data.source": "folder",
         "data.path": str(data),
-        "data.batch_size": 4,
-        "data.num_workers": 0,
         "optimizer.base_lr": 2e-4,
-        "optimizer.lr_reference_batch": 0,
         "schedule.name": "cosine",
         "schedule.epochs": 5,
-        "schedule.warmup_epochs": 1,
         "training.output_dir": str(run_dir),
-        "training.precision": "fp32",
-        "training.device": "cpu",
-        "distributed.zero_stage": 0,
-        "distributed.timeout_minutes": 2,
-        "checkpoint.every_steps": 1000,
-        "logging.log_every": 1,
         "logging.image_every": 0,
-        "logging.progress_bar": False,
-        "logging.tensorboard": False,
     }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return _as_overrides(values, extra)
+
+
+def tiny_finetune_overrides(run_dir: Path, train: Path, val: Path, **extra: object) -> list[str]:
+    """A very small fine-tuning config on class folders (see _TINY_RUN), from random init; ``extra`` overrides any
+    key."""
+    values = {
+        **_TINY_RUN,
+        "model.pretrained_window_sizes": "[0,0,0,0]",
+        "data.source": "folder",
+        "data.train_path": str(train),
+        "data.val_path": str(val),
+        "optimizer.base_lr": 1e-3,
+        "schedule.epochs": 2,
+        "training.output_dir": str(run_dir),
+    }
+    return _as_overrides(values, extra)

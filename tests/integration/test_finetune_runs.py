@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.launch import REPO, free_port, make_image_folder, rank_env, tiny_overrides
+from tests.helpers.launch import REPO, free_port, make_image_folder, rank_env, tiny_finetune_overrides, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -99,37 +99,13 @@ def test_finetune_from_a_zero2_pretraining_checkpoint_with_distributed_evaluatio
 def _finetune_args(run_dir: Path, train: Path, val: Path, **extra: object) -> list[str]:
     """A tiny one-rank fine-tune with the recipe's augmentations (RandAugment, random erasing, Mixup/CutMix, label
     smoothing) and drop path on: every random draw they make must continue exactly across a resume."""
-    values: dict[str, object] = {
-        "model.size": "tiny",
-        "model.embed_dim": 16,
-        "model.depths": "[1,1,1,1]",
-        "model.num_heads": "[1,1,2,2]",
-        "model.img_size": 32,
-        "model.window_size": 4,
-        "model.pretrained_window_sizes": "[0,0,0,0]",
+    recipe: dict[str, object] = {
         "model.drop_path_rate": 0.1,
         "augment.auto_augment": "rand-m9-mstd0.5-inc1",
-        "data.source": "folder",
-        "data.train_path": str(train),
-        "data.val_path": str(val),
-        "data.batch_size": 4,
-        "data.num_workers": 0,
-        "optimizer.lr_reference_batch": 0,
-        "optimizer.base_lr": 1e-3,
         "schedule.epochs": 50,  # long: the preempted run must still be going when the signal arrives
-        "schedule.warmup_epochs": 1,
         "finetune.eval_every_epochs": 0,
-        "training.output_dir": str(run_dir),
-        "training.device": "cpu",
-        "training.precision": "fp32",
-        "distributed.zero_stage": 0,
-        "checkpoint.every_steps": 1000,
-        "logging.log_every": 1,
-        "logging.tensorboard": False,
-        "logging.progress_bar": False,
     }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return tiny_finetune_overrides(run_dir, train, val, **{**recipe, **extra})
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:

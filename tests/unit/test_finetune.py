@@ -1,6 +1,7 @@
 """Fine-tuning in-process (one gloo rank, tiny SwinV2): strict loading from a real pretraining checkpoint at another
-geometry, the official layer-decay groups, Mixup/CutMix targets, evaluation counted once over any world size,
---eval-only against timm's own logits, and an exact resume of a fine-tune run (folder source)."""
+geometry, from an HF model directory and with SwinV2-H/G's extra norms; labelled shards; the official layer-decay
+groups, Mixup/CutMix targets, evaluation counted once over any world size, --eval-only against timm's own logits, and
+an exact resume of a fine-tune run (folder source)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pretrain import convert
 from pretrain.checks import ConfigError
 from pretrain.config import load_config
 from pretrain.data import build_eval_loader, resolve_labelled_source
@@ -21,6 +23,7 @@ from pretrain.finetune.evaluation import classification_sums, metrics_from_sums
 from pretrain.finetune.transforms import build_mixup, eval_transform
 from pretrain.finetune.weights import read_weights
 from pretrain.formats import official_to_timm, save_weights_file
+from pretrain.shards import write_shards
 from pretrain.tasks.simmim import SimMIMTask
 from pretrain.trainer import Trainer
 from swinv2 import SwinTransformerV2
@@ -52,31 +55,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def pretrained_run(launch: LaunchEnv, data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real SimMIM pretraining run (2 steps at 64 px, window 4) with its DeepSpeed checkpoint."""
-    run = tmp_path_factory.mktemp("pretrain")
-    cfg = load_config(
-        None,
-        [
-            *TINY,
-            *CPU,
-            "model.img_size=64",
-            "model.window_size=4",
-            "simmim.mask_patch_size=16",
-            "data.source=folder",
-            f"data.path={data['train']}",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            f"training.output_dir={run}",
-            "training.max_steps=2",
-            "logging.image_every=0",
-        ],
-    )
-    trainer = Trainer(cfg, launch, SimMIMTask(cfg))
-    try:
-        assert trainer.train() == 0
-    finally:
-        trainer.close()
-    return run
+    return _pretrain(launch, data, tmp_path_factory.mktemp("pretrain"))
 
 
 def finetune_cfg(data: dict[str, Path], run_dir: Path, *overrides: str) -> object:
@@ -128,6 +107,96 @@ def test_finetune_from_a_pretraining_checkpoint_at_another_geometry_loads_every_
     )
     with pytest.raises(ConfigError, match=r"accepted: model.pretrained_window_sizes=\[4, 4, 4, 2\]"):
         FinetuneTask(bad).resolve_data(1)
+
+
+def _pretrain(launch: LaunchEnv, data: dict[str, Path], run: Path, *overrides: str) -> Path:
+    """A real SimMIM pretraining run (2 steps at 64 px, window 4) with its DeepSpeed checkpoint."""
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            *CPU,
+            "model.img_size=64",
+            "model.window_size=4",
+            "simmim.mask_patch_size=16",
+            "data.source=folder",
+            f"data.path={data['train']}",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            f"training.output_dir={run}",
+            "training.max_steps=2",
+            "logging.image_every=0",
+            *overrides,
+        ],
+    )
+    trainer = Trainer(cfg, launch, SimMIMTask(cfg))
+    try:
+        assert trainer.train() == 0
+    finally:
+        trainer.close()
+    return run
+
+
+def _assert_backbone_loaded(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Every backbone key of the model came from ``weights``, value for value, and nothing else did."""
+    state = model.state_dict()
+    backbone = {k for k in state if not k.startswith("head.")}
+    assert backbone == set(weights)
+    for key in backbone:
+        assert torch.equal(state[key], weights[key].to(state[key].dtype)), key
+
+
+def test_finetune_trains_on_labelled_shards_from_an_hf_directory(
+    launch: LaunchEnv, data: dict[str, Path], pretrained_run: Path, tmp_path: Path
+) -> None:
+    """Pretraining checkpoint -> consolidated file -> HF model directory -> fine-tuning on labelled shards."""
+    consolidated = tmp_path / "simmim.safetensors"
+    assert convert.main(["consolidate", str(pretrained_run), "-o", str(consolidated)]) == 0
+    hf_dir = tmp_path / "hf"
+    assert convert.main(["export", "--to", "hf", str(consolidated), "-o", str(hf_dir)]) == 0
+    source = read_weights(hf_dir)
+    assert source.kind == "simmim" and "mask_token" not in source.weights and source.geometry["img_size"] == 64
+    shards = {split: tmp_path / f"{split}-shards" for split in ("train", "val")}
+    for split, out in shards.items():
+        write_shards(data[split], out, maxcount=5, progress=False, labels=True)
+    run_dir = tmp_path / "ft"
+    cfg = finetune_cfg(
+        data,
+        run_dir,
+        "data.source=webdataset",
+        f"data.train_path={shards['train']}",
+        f"data.val_path={shards['val']}",
+        f"finetune.init={hf_dir}",
+        "training.max_steps=2",
+    )
+    trainer = Trainer(cfg, launch, FinetuneTask(cfg))
+    try:
+        _assert_backbone_loaded(trainer.engine.module, source.weights)
+        assert trainer.train() == 0
+    finally:
+        trainer.close()
+    records = jsonl(run_dir)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    final = [r for r in records if "eval/top1" in r][-1]
+    assert final["eval/samples"] == 7  # every validation shard sample once
+
+
+def test_huge_style_extra_norms_pretrain_then_finetune_strictly(
+    launch: LaunchEnv, data: dict[str, Path], tmp_path: Path
+) -> None:
+    """SwinV2-H/G's extra main-branch LayerNorms survive pretraining -> fine-tuning (they have no timm/HF layout)."""
+    extra = ["model.depths=[1,1,3,1]", "model.extra_norm_every=1"]
+    run = _pretrain(launch, data, tmp_path / "pretrain", *extra)
+    source = read_weights(run)
+    extra_norms = sorted(k for k in source.weights if ".extra_norm." in k)
+    assert extra_norms == [f"layers.2.blocks.{i}.extra_norm.{p}" for i in (0, 1) for p in ("bias", "weight")]
+    cfg = finetune_cfg(data, tmp_path / "ft", *extra, f"finetune.init={run}", "training.max_steps=1")
+    trainer = Trainer(cfg, launch, FinetuneTask(cfg))
+    try:
+        _assert_backbone_loaded(trainer.engine.module, source.weights)
+        assert trainer.train() == 0
+    finally:
+        trainer.close()
 
 
 def test_layer_decay_groups_follow_the_official_ids_and_scales(data: dict[str, Path], tmp_path: Path) -> None:
