@@ -28,8 +28,8 @@ from pretrain.tasks.simmim import SimMIMTask
 from pretrain.trainer import Trainer
 from swinv2 import SwinTransformerV2
 from tests.helpers.launch import make_image_folder
+from tests.helpers.tiny import TINY_BACKBONE, TINY_MODEL
 
-TINY = ["model.size=tiny", "model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,2,2,4]"]
 CPU = [
     "training.device=cpu",
     "training.precision=fp32",
@@ -62,7 +62,7 @@ def finetune_cfg(data: dict[str, Path], run_dir: Path, *overrides: str) -> objec
     return load_finetune_config(
         None,
         [
-            *TINY,
+            *TINY_BACKBONE,
             *CPU,
             *FT_GEOMETRY,
             f"data.train_path={data['train']}",
@@ -114,11 +114,8 @@ def _pretrain(launch: LaunchEnv, data: dict[str, Path], run: Path, *overrides: s
     cfg = load_config(
         None,
         [
-            *TINY,
+            *TINY_MODEL,
             *CPU,
-            "model.img_size=64",
-            "model.window_size=4",
-            "simmim.mask_patch_size=16",
             "data.source=folder",
             f"data.path={data['train']}",
             "data.batch_size=4",
