@@ -29,6 +29,7 @@ from pretrain.trainer import Trainer
 from swinv2 import SwinTransformerV2
 from tests.helpers.launch import make_image_folder
 from tests.helpers.tiny import TINY_BACKBONE, TINY_MODEL
+from tests.helpers.training import train_in_process
 
 CPU = [
     "training.device=cpu",
@@ -126,11 +127,7 @@ def _pretrain(launch: LaunchEnv, data: dict[str, Path], run: Path, *overrides: s
             *overrides,
         ],
     )
-    trainer = Trainer(cfg, launch, SimMIMTask(cfg))
-    try:
-        assert trainer.train() == 0
-    finally:
-        trainer.close()
+    train_in_process(cfg, launch, SimMIMTask(cfg))
     return run
 
 
@@ -304,12 +301,7 @@ def test_resume_of_a_finetune_run_continues_exactly(
 ) -> None:
     def run(run_dir: Path, *extra: str) -> Trainer:
         cfg = finetune_cfg(data, run_dir, f"finetune.init={pretrained_run}", "finetune.ema=true", *extra)
-        trainer = Trainer(cfg, launch, FinetuneTask(cfg))
-        try:
-            assert trainer.train() == 0
-        finally:
-            trainer.close()
-        return trainer
+        return train_in_process(cfg, launch, FinetuneTask(cfg))
 
     straight = run(tmp_path / "straight")
     run(tmp_path / "split", "training.max_steps=3")  # stops mid-epoch 0 (4 steps per epoch)

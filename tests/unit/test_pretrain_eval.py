@@ -31,9 +31,9 @@ from pretrain.tasks.simmim_eval import (
     reconstruction_metrics,
     reconstruction_sums,
 )
-from pretrain.trainer import Trainer
 from swinv2 import SwinTransformerV2
 from tests.helpers.tiny import TINY_MODEL
+from tests.helpers.training import train_in_process
 
 TINY = [*TINY_MODEL, "model.drop_path_rate=0.0"]
 
@@ -218,11 +218,7 @@ def test_trainer_evaluates_every_n_steps_and_at_the_end(
         "logging.tensorboard=false",
         "logging.progress_bar=false",
     )
-    trainer = Trainer(cfg, single_rank, SimMIMTask(cfg))
-    try:
-        assert trainer.train() == 0
-    finally:
-        trainer.close()
+    train_in_process(cfg, single_rank, SimMIMTask(cfg))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in records if "eval/recon_loss" in r}
     assert sorted(evals) == [2, 3]  # step 2 of every 2, and the end of the run
