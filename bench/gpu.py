@@ -11,7 +11,8 @@ step of SwinV2-B 192/w12 in bf16 at ZeRO 0/2/3, with and without activation chec
 3. Training step: DeepSpeed engines (deepspeed.initialize with pretrain.engine.deepspeed_config, one process, world
    size 1, nccl on GPUs and gloo on the CPU) at ZeRO 0, 2 and 3, activation checkpointing none/all, eager or
    compiled (ZeRO 0/2: swinv2.compile_blocks, as the trainer does; ZeRO 3: DeepSpeed's engine.compile); img/s, MFU
-   (3 x forward FLOPs per image, recomputation not counted, against pretrain.metrics.peak_flops) and peak memory.
+   (3 x forward FLOPs per image, recomputation not counted, against pretrain.metrics.peak_flops), peak memory and
+   the planner's prediction of it (pretrain.plan.estimate_memory).
    A configuration that fails (out of memory, a compile error) is a row with its error. Configurations left when
    the time budget runs out are rows marked skipped.
 
@@ -247,6 +248,12 @@ def train_step(
         peak_gib=_peak_gib(device),
         setup_s=first - start,
     )
+    # The planner's prediction for the same setting (on a GPU, peak_gib is max_memory_allocated since the engine was
+    # built: the README's predicted-against-measured table comes from these two columns).
+    from pretrain.plan import estimate_memory
+
+    planned = estimate_memory(cfg, world_size=1, micro_batch=args.batch, device=device.type)
+    row["planned_gib"] = planned.total / 2**30
     return row  # the engine goes with this frame; sweep() then frees its memory
 
 
@@ -286,6 +293,7 @@ def _row_line(row: dict[str, Any]) -> str:
         return f"{head}  error: {row['error']}"
     return (
         f"{head}  {row['img_per_s']:9.1f} img/s  MFU {row['mfu_pct']:5.1f}%  peak {row['peak_gib']:6.2f} GiB  "
+        f"(planned {row['planned_gib']:6.2f})  "
         f"{1e3 * row['s_per_step']:8.1f} ms/step  first step {row['first_step_s']:6.1f} s  ({row['how']})"
     )
 

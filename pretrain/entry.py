@@ -19,7 +19,7 @@ from .checks import ConfigError
 from .config import to_yaml
 from .distributed import LaunchEnv, LaunchError, finish_process, resolve_launch_env
 
-__all__ = ["add_common_arguments", "end_process", "run_entry"]
+__all__ = ["add_common_arguments", "config_from_arguments", "end_process", "run_entry"]
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, override_example: str) -> None:
@@ -28,6 +28,20 @@ def add_common_arguments(parser: argparse.ArgumentParser, override_example: str)
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {override_example}")
+
+
+def config_from_arguments(args: argparse.Namespace, load: Callable[[str | None, list[str]], Any]) -> Any:
+    """The config that ``args`` (of :func:`add_common_arguments`) names, loaded with ``load``; instead, an exit code
+    when it is refused (2, the error printed as one line) or only printed (``--print-config``: 0)."""
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    return cfg
 
 
 def run_entry(
@@ -44,14 +58,9 @@ def run_entry(
     # Intermixed: overrides may come before and after the options (`python -m pretrain a=1 --config X b=2`); plain
     # parse_args stops collecting the positional list at the first option and rejects the rest.
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
+    cfg = config_from_arguments(args, load)
+    if isinstance(cfg, int):
+        return cfg
     try:
         launch = resolve_launch_env(local_rank_arg=args.local_rank)
     except LaunchError as exc:

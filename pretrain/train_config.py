@@ -32,6 +32,10 @@ class TrainingConfig:
     device: str = "auto"
     # TF32 tensor cores for fp32 matmuls and convolutions on CUDA (false: strict IEEE fp32); no effect on the CPU.
     tf32: bool = True
+    # Rank 0 logs the planner's predicted peak memory and, after the second step, the measured one (memory/...
+    # scalars; on the CPU every allocation up to step 2 is counted, which slows those steps; see
+    # pretrain/plan/calibration.py).
+    measure_memory: bool = True
     # A torch.profiler trace of a few steps (pretrain/profiling.py).
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 

@@ -40,6 +40,7 @@ from .engine import (
 )
 from .metrics import MetricsLogger, peak_flops
 from .optim import all_finite
+from .plan.calibration import MemoryCalibration, predicted_memory
 from .profiling import ProfileWindow
 from .runlock import RunLock, acquire_run_lock
 from .stopping import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteError, PeerFailure, StopFlag, exit_code_for
@@ -47,6 +48,7 @@ from .tasks import Batch, Task
 from .train_state import LogWindow, StepStats, TrainState
 
 __all__ = ["Trainer", "run"]
+
 
 def _versions() -> dict[str, str]:
     import deepspeed
@@ -80,6 +82,7 @@ class Trainer:
         self.metrics: MetricsLogger | None = None
         self.lock: RunLock | None = None
         self.profiler: ProfileWindow | None = None
+        self.memory: MemoryCalibration | None = None
         self._early_messages: list[str] = []  # said before train.log is open (a stale run lock taken over)
         init_process_group(self._backend(), cfg.distributed.timeout_minutes)
         try:
@@ -98,6 +101,12 @@ class Trainer:
         cfg = self.cfg
         self._say_where()
         resume_from, universal = resume_target(cfg, self.ckpt_dir, self.world, self.metrics.message)
+        # Only rank 0 logs MFU; measuring the CPU peak on every rank at once would make them share the cores and
+        # understate it. Measured before the memory is, whose peak its matrices would raise.
+        dtype = compute_dtype(cfg)
+        self.peak, source = peak_flops(self.device, dtype) if self.rank == 0 else (float("nan"), "rank 0 only")
+        self.memory = self._memory_calibration(resume_from is not None)
+        self.memory.begin()
         self.engine, self.schedule = build_engine(
             cfg, self.world, self.steps_per_epoch, self.task, load_universal=universal
         )
@@ -106,7 +115,8 @@ class Trainer:
             self.metrics.message(note)
         if resume_from is not None:
             self._restore(resume_from)
-        self.dtype = compute_dtype(cfg)
+        self.started_at = self.state.step  # the step this start resumed at (its second step is measured)
+        self.dtype = dtype
         self.flops_per_sample: float | None = None
         self.nonfinite_in_row = 0
         self.last_batch: Batch | None = None
@@ -122,14 +132,30 @@ class Trainer:
         self.profiler = ProfileWindow(cfg.training.profile, self.run_dir, self.rank, self.state.step)
         if cfg.training.profile.enabled:
             self.metrics.message(self.profiler.note)
-        # Only rank 0 logs MFU; measuring the CPU peak on every rank at once would make them share the cores and
-        # understate it.
-        self.peak, source = peak_flops(self.device, self.dtype) if self.rank == 0 else (float("nan"), "rank 0 only")
         self.metrics.message(
             f"peak {self.peak / 1e12:.2f} TFLOP/s per device ({source}); {self.total_steps} steps, "
             f"{self.steps_per_epoch} per epoch, global batch {self.micro_batch * self.accum}"
         )
         self.stop.install()
+
+    def _memory_calibration(self, resumed: bool) -> MemoryCalibration:
+        """Rank 0 logs its predicted peak memory now and the measured one after the first step (see
+        :mod:`pretrain.plan.calibration`)."""
+        cfg = self.cfg
+        predicted, why_not = predicted_memory(self.task, self.world, self.device) if self.rank == 0 else (None, None)
+        blockers = {"a resumed start": resumed, "model.compile": cfg.model.compile}
+        blockers["training.profile"] = cfg.training.profile.enabled
+        blocker = next((name for name, present in blockers.items() if present), None)
+        zero3_ranks = cfg.distributed.zero_stage == 3 and self.world > 1
+        calibration = MemoryCalibration(
+            predicted,
+            self.device,
+            cfg.training.measure_memory and self.rank == 0,
+            cpu_method="tensors" if zero3_ranks else "allocator",
+            cpu_blocker=blocker,
+        )
+        self.metrics.message(why_not or calibration.describe_prediction())
+        return calibration
 
     def record_error(self, exc: BaseException) -> None:
         """The error that ends the run, into train.log (the entry point prints it on the console)."""
@@ -139,10 +165,12 @@ class Trainer:
     def close(self, exit_code: int = 0) -> None:
         """Release what construction opened: the profiler (writing a window cut short), the metrics and trackers
         (told how the run ended) and the run lock. Safe to call twice."""
-        profiler, metrics, lock = self.profiler, self.metrics, self.lock
-        self.profiler = self.metrics = self.lock = None
+        profiler, metrics, lock, memory = self.profiler, self.metrics, self.lock, self.memory
+        self.profiler = self.metrics = self.lock = self.memory = None
         self.stop.uninstall()
         try:
+            if memory is not None:
+                memory.close()
             if profiler is not None:
                 profiler.close()
             if metrics is not None:
@@ -403,6 +431,10 @@ class Trainer:
             graphs, breaks = compile_counts()
             self.metrics.message(f"model.compile: {graphs} compiled graphs after the first step, {breaks} graph breaks")
         self._log()
+        if s.step == self.started_at + 1:
+            self.memory.after_first_step()
+        elif s.step == self.started_at + 2:
+            self._log_memory()
         self.task.log_images(self.engine, self.last_batch, s.step, self.metrics)
         if stats.stop or s.step % self.cfg.checkpoint.every_steps == 0 or s.step == self.total_steps:
             self.save()
@@ -419,6 +451,15 @@ class Trainer:
             + (" so the job can be requeued and resume from it" if code == EXIT_PREEMPTED else "")
         )
         return code
+
+    def _log_memory(self) -> None:
+        """After the second step of this start: measured against predicted peak memory (rank 0)."""
+        result = self.memory.finish()
+        if result is not None:
+            line, scalars = result
+            self.metrics.message(line)
+            if scalars:
+                self.metrics.write_scalars(self.state.step, scalars)
 
     def _count_nonfinite(self, stats: StepStats) -> None:
         s = self.state

@@ -80,8 +80,8 @@ class Task(Protocol):
 
 
 class TaskHooks(Protocol):
-    """The optional hooks of a task (a task may define any of them; SimMIM defines ``evaluate``, ``best_metric`` and
-    ``eval_every_steps``; fine-tuning all but ``eval_every_steps``)."""
+    """The optional hooks of a task (a task may define any of them; SimMIM defines ``evaluate``, ``best_metric``,
+    ``eval_every_steps`` and ``predict_memory``; fine-tuning all but ``eval_every_steps`` and ``predict_memory``)."""
 
     # Evaluate every N optimizer steps (0: never) and at the end, instead of at epoch ends.
     eval_every_steps: int
@@ -97,6 +97,11 @@ class TaskHooks(Protocol):
 
     def after_step(self, engine: Any) -> None:
         """After every applied optimizer update (e.g. an EMA of the weights)."""
+        ...
+
+    def predict_memory(self, world_size: int, device_type: str) -> Any:
+        """The planner's :class:`pretrain.plan.MemoryEstimate` of one rank's peak memory for this config, logged at
+        start against the peak measured after the first step (:mod:`pretrain.plan.calibration`)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:

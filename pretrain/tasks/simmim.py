@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from ..config import PretrainConfig
     from ..metrics import MetricsLogger
+    from ..plan.memory import MemoryEstimate
 
 __all__ = ["SimMIMTask"]
 
@@ -47,6 +48,12 @@ class SimMIMTask:
     def eval_every_steps(self) -> int:
         """The trainer evaluates this task every N steps (and at the end) instead of at epoch ends; 0 = never."""
         return self.cfg.eval.every_steps
+
+    def predict_memory(self, world_size: int, device_type: str) -> MemoryEstimate:
+        """The planner's peak memory per rank for this config (logged at start, against the measured peak)."""
+        from ..plan.memory import estimate_memory
+
+        return estimate_memory(self.cfg, world_size=world_size, device=device_type)
 
     def build_model(self) -> SimMIM:
         return build_simmim(self.cfg)

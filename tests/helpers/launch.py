@@ -84,10 +84,15 @@ def log_text(log_dir: Path, rank: int = 0) -> str:
     return (log_dir / f"rank{rank}.log").read_text()
 
 
+def read_records(run_dir: Path) -> list[dict]:
+    """Every record of the run's metrics.jsonl: training steps (with ``loss``), evaluations (``eval/...``) and the
+    memory calibration (``memory/...``)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> logged loss, from the run's metrics.jsonl."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in records}
+    return {r["step"]: r["loss"] for r in read_records(run_dir) if "loss" in r}
 
 
 def make_image_folder(root: Path, count: int, size: int = 48, seed: int = 0) -> Path:

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.launch import REPO, free_port, make_image_folder, rank_env, tiny_finetune_overrides, tiny_overrides
+from tests.helpers.launch import (
+    REPO,
+    free_port,
+    losses,
+    make_image_folder,
+    rank_env,
+    read_records,
+    tiny_finetune_overrides,
+    tiny_overrides,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +92,7 @@ def test_finetune_from_a_zero2_pretraining_checkpoint_with_distributed_evaluatio
     )
     assert "pretrained windows [4, 4, 4, 2]" in texts[0]
     assert "tensors of" in texts[0] and "strictly; the head is new" in texts[0]
-    records = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "eval/top1" in r]
+    evals = [r for r in read_records(ft) if "eval/top1" in r]
     assert len(evals) == 1 and evals[0]["eval/samples"] == 7 and evals[0]["step"] == 4
     best = json.loads((ft / "checkpoints" / "BEST.json").read_text())
     assert best["tag"] == "step-4"
@@ -119,11 +127,6 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
         )
 
 
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
 def test_preempted_finetune_saves_exits_75_and_resumes_exactly(tmp_path: Path) -> None:
     """SIGTERM to a running ``python -m pretrain.finetune`` (one rank, class folders): a complete checkpoint at the
     step it was in, exit 75; the resumed run's losses equal those of an uninterrupted run, bit for bit."""
@@ -152,14 +155,14 @@ def test_preempted_finetune_saves_exits_75_and_resumes_exactly(tmp_path: Path) -
     saved = [int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*/COMPLETE")]
     assert len(saved) == 1 and 2 <= saved[0] <= end - 2, text[-3000:]
     stop = saved[0]
-    assert max(_train_losses(run_dir)) == stop  # nothing was trained past the saved step
+    assert max(losses(run_dir)) == stop  # nothing was trained past the saved step
 
     resumed = _start(_finetune_args(run_dir, train, val, **{"training.max_steps": end}), tmp_path / "r.log")
     assert resumed.wait(timeout=180) == 0, (tmp_path / "r.log").read_text()[-3000:]
     resumed_text = (tmp_path / "r.log").read_text()
     assert "resumed from" in resumed_text and f"at step={stop} " in resumed_text, resumed_text[-3000:]
 
-    reference, continued = _train_losses(straight_dir), _train_losses(run_dir)
+    reference, continued = losses(straight_dir), losses(run_dir)
     assert sorted(reference) == sorted(continued) == list(range(1, end + 1))
     for step in range(1, end + 1):
         assert continued[step] == reference[step], f"step {step}: {continued[step]} != uninterrupted {reference[step]}"

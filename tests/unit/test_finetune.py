@@ -27,7 +27,7 @@ from pretrain.shards import write_shards
 from pretrain.tasks.simmim import SimMIMTask
 from pretrain.trainer import Trainer
 from swinv2 import SwinTransformerV2
-from tests.helpers.launch import make_image_folder
+from tests.helpers.launch import make_image_folder, read_records
 from tests.helpers.tiny import TINY_BACKBONE, TINY_MODEL
 from tests.helpers.training import train_in_process
 
@@ -78,10 +78,6 @@ def finetune_cfg(data: dict[str, Path], run_dir: Path, *overrides: str) -> objec
             *overrides,
         ],
     )
-
-
-def jsonl(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def test_finetune_from_a_pretraining_checkpoint_at_another_geometry_loads_every_key(
@@ -169,7 +165,7 @@ def test_finetune_trains_on_labelled_shards_from_an_hf_directory(
         assert trainer.train() == 0
     finally:
         trainer.close()
-    records = jsonl(run_dir)
+    records = read_records(run_dir)
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     final = [r for r in records if "eval/top1" in r][-1]
     assert final["eval/samples"] == 7  # every validation shard sample once
@@ -307,7 +303,7 @@ def test_resume_of_a_finetune_run_continues_exactly(
     run(tmp_path / "split", "training.max_steps=3")  # stops mid-epoch 0 (4 steps per epoch)
     resumed = run(tmp_path / "split")
     assert "resumed from" in (tmp_path / "split" / "train.log").read_text()
-    a, b = jsonl(tmp_path / "straight"), jsonl(tmp_path / "split")
+    a, b = read_records(tmp_path / "straight"), read_records(tmp_path / "split")
     losses = lambda records: {r["step"]: r["loss"] for r in records if "loss" in r}  # noqa: E731
     evals = lambda records: {r["step"]: r for r in records if "eval/top1" in r}  # noqa: E731
     assert losses(a) == losses(b) and len(losses(a)) == 8

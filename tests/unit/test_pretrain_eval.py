@@ -4,7 +4,6 @@ steps; and the linear probe over several stages."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from pretrain.tasks.simmim_eval import (
     reconstruction_sums,
 )
 from swinv2 import SwinTransformerV2
+from tests.helpers.launch import read_records
 from tests.helpers.tiny import TINY_MODEL
 from tests.helpers.training import train_in_process
 
@@ -219,7 +219,7 @@ def test_trainer_evaluates_every_n_steps_and_at_the_end(
         "logging.progress_bar=false",
     )
     train_in_process(cfg, single_rank, SimMIMTask(cfg))
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(tmp_path)
     evals = {r["step"]: r for r in records if "eval/recon_loss" in r}
     assert sorted(evals) == [2, 3]  # step 2 of every 2, and the end of the run
     assert all(r["eval/recon_samples"] == 7 and "eval/knn_top1" in r for r in evals.values())

@@ -18,6 +18,7 @@ from pretrain.stopping import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteError, 
 from pretrain.tasks.simmim import SimMIMTask
 from pretrain.train_state import TrainState
 from pretrain.trainer import Trainer
+from tests.helpers.launch import read_records
 from tests.helpers.tiny import TINY_MODEL
 
 
@@ -225,7 +226,6 @@ def test_one_host_read_per_optimizer_step_whatever_the_accumulation(
 def test_a_mixture_logs_its_samples_per_source(
     make_trainer: Callable[..., Trainer], image_folder: Callable[..., Path], tmp_path: Path
 ) -> None:
-    import json
 
     from pretrain.shards import write_shards
 
@@ -243,7 +243,8 @@ def test_a_mixture_logs_its_samples_per_source(
         "logging.log_every=2",
     )
     assert trainer.train() == 0
-    (record,) = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(trainer.run_dir)
+    (record,) = [r for r in records if "loss" in r]
     assert record["source_samples/big"] + record["source_samples/small"] == 8  # two steps of 4
     assert record["source_samples/big"] == 6  # the 3:1 plan, to within one sample per step
 
@@ -262,3 +263,29 @@ def test_non_finite_weights_are_never_saved(make_trainer: Callable[..., Trainer]
     assert complete == ["step-1"] and not (trainer.ckpt_dir / "step-2").exists()
     with pytest.raises(NonFiniteError, match="the weights became non-finite in the update of step=2"):
         trainer.finish_step(trainer.train_step(batches))  # the next step's reduction carries the flag to every rank
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        ("distributed.zero_stage=0",),
+        ("distributed.zero_stage=2", "training.precision=bf16"),
+        ("distributed.zero_stage=3",),
+    ],
+)
+def test_the_second_step_logs_measured_against_predicted_memory(
+    make_trainer: Callable[..., Trainer], setting: tuple[str, ...]
+) -> None:
+    """Every run calibrates the planner: its predicted peak at start, the measured peak of step 2 (the first steady
+    one) after it, within the planner's 10%."""
+    trainer = make_trainer("training.max_steps=2", *setting)
+    assert trainer.train() == 0
+    log = (trainer.run_dir / "train.log").read_text()
+    records = read_records(trainer.run_dir)
+    (memory,) = [r for r in records if "memory/measured_peak_gib" in r]
+    assert memory["step"] == 2
+    assert f"memory: predicted peak {memory['memory/predicted_peak_gib']:.3f} GiB per rank" in log
+    assert f"memory: measured peak {memory['memory/measured_peak_gib']:.3f} GiB in step 2" in log
+    ratio = memory["memory/measured_peak_gib"] / memory["memory/predicted_peak_gib"]
+    assert memory["memory/measured_over_predicted"] == pytest.approx(ratio)
+    assert 0.9 <= ratio <= 1.1, log
