@@ -40,7 +40,7 @@ from .engine import (
 )
 from .metrics import MetricsLogger, peak_flops
 from .optim import all_finite
-from .plan.calibration import MemoryCalibration, predicted_memory
+from .plan.calibration import MemoryCalibration, calibration_for_run
 from .profiling import ProfileWindow
 from .runlock import RunLock, acquire_run_lock
 from .stopping import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteError, PeerFailure, StopFlag, exit_code_for
@@ -105,7 +105,8 @@ class Trainer:
         # understate it. Measured before the memory is, whose peak its matrices would raise.
         dtype = compute_dtype(cfg)
         self.peak, source = peak_flops(self.device, dtype) if self.rank == 0 else (float("nan"), "rank 0 only")
-        self.memory = self._memory_calibration(resume_from is not None)
+        self.memory, prediction = calibration_for_run(cfg, self.task, self.rank, self.world, self.device, resume_from)
+        self.metrics.message(prediction)
         self.memory.begin()
         self.engine, self.schedule = build_engine(
             cfg, self.world, self.steps_per_epoch, self.task, load_universal=universal
@@ -137,25 +138,6 @@ class Trainer:
             f"{self.steps_per_epoch} per epoch, global batch {self.micro_batch * self.accum}"
         )
         self.stop.install()
-
-    def _memory_calibration(self, resumed: bool) -> MemoryCalibration:
-        """Rank 0 logs its predicted peak memory now and the measured one after the first step (see
-        :mod:`pretrain.plan.calibration`)."""
-        cfg = self.cfg
-        predicted, why_not = predicted_memory(self.task, self.world, self.device) if self.rank == 0 else (None, None)
-        blockers = {"a resumed start": resumed, "model.compile": cfg.model.compile}
-        blockers["training.profile"] = cfg.training.profile.enabled
-        blocker = next((name for name, present in blockers.items() if present), None)
-        zero3_ranks = cfg.distributed.zero_stage == 3 and self.world > 1
-        calibration = MemoryCalibration(
-            predicted,
-            self.device,
-            cfg.training.measure_memory and self.rank == 0,
-            cpu_method="tensors" if zero3_ranks else "allocator",
-            cpu_blocker=blocker,
-        )
-        self.metrics.message(why_not or calibration.describe_prediction())
-        return calibration
 
     def record_error(self, exc: BaseException) -> None:
         """The error that ends the run, into train.log (the entry point prints it on the console)."""
@@ -431,10 +413,11 @@ class Trainer:
             graphs, breaks = compile_counts()
             self.metrics.message(f"model.compile: {graphs} compiled graphs after the first step, {breaks} graph breaks")
         self._log()
-        if s.step == self.started_at + 1:
-            self.memory.after_first_step()
-        elif s.step == self.started_at + 2:
-            self._log_memory()
+        measured = self.memory.after_step(s.step - self.started_at)
+        if measured is not None:  # rank 0, step 2 of this start: measured against predicted peak memory
+            self.metrics.message(measured[0])
+            if measured[1]:
+                self.metrics.write_scalars(s.step, measured[1])
         self.task.log_images(self.engine, self.last_batch, s.step, self.metrics)
         if stats.stop or s.step % self.cfg.checkpoint.every_steps == 0 or s.step == self.total_steps:
             self.save()
@@ -451,15 +434,6 @@ class Trainer:
             + (" so the job can be requeued and resume from it" if code == EXIT_PREEMPTED else "")
         )
         return code
-
-    def _log_memory(self) -> None:
-        """After the second step of this start: measured against predicted peak memory (rank 0)."""
-        result = self.memory.finish()
-        if result is not None:
-            line, scalars = result
-            self.metrics.message(line)
-            if scalars:
-                self.metrics.write_scalars(self.state.step, scalars)
 
     def _count_nonfinite(self, stats: StepStats) -> None:
         s = self.state

@@ -30,7 +30,7 @@ import torch
 from .memory import MemoryEstimate
 from .tracker import PeakTracker, track_peak
 
-__all__ = ["MemoryCalibration", "predicted_memory"]
+__all__ = ["MemoryCalibration", "calibration_for_run"]
 
 GIB = 2**30
 _MARK = "step1"
@@ -81,7 +81,16 @@ class MemoryCalibration:
             return
         self._tracker = self._stack.enter_context(track_peak(self.device, method=self.cpu_method))
 
-    def after_first_step(self) -> None:
+    def after_step(self, step_of_start: int) -> tuple[str, dict[str, float]] | None:
+        """After each step (1 = this start's first): marks step 1's end; after step 2, (log line, scalars) when
+        something was measured."""
+        if step_of_start == 1:
+            self._after_first_step()
+        elif step_of_start == 2:
+            return self._finish()
+        return None
+
+    def _after_first_step(self) -> None:
         """Between steps 1 and 2: the steady peak is measured from here."""
         if not self.enabled:
             return
@@ -91,7 +100,7 @@ class MemoryCalibration:
         elif self._tracker is not None:
             self._tracker.mark(_MARK)
 
-    def finish(self) -> tuple[str, dict[str, float]] | None:
+    def _finish(self) -> tuple[str, dict[str, float]] | None:
         """After step 2: (log line, scalars), or None when measuring is off."""
         if not self.enabled:
             return None
@@ -121,13 +130,29 @@ class MemoryCalibration:
         self._stack.close()
 
 
-def predicted_memory(task: Any, world_size: int, device: torch.device) -> tuple[MemoryEstimate | None, str | None]:
-    """(the task's predicted memory per rank, why there is none): tasks define ``predict_memory`` when the planner
-    models them; a config the planner cannot model gives the reason instead of stopping the run."""
+def calibration_for_run(
+    cfg: Any, task: Any, rank: int, world_size: int, device: torch.device, resumed_from: Any
+) -> tuple[MemoryCalibration, str]:
+    """The trainer's calibration for this start and its start-up line: rank 0 predicts (tasks define
+    ``predict_memory`` when the planner models them; a config it cannot model gives the reason instead of stopping
+    the run) and measures."""
+    predicted, why_not = None, None
     hook = getattr(task, "predict_memory", None)
-    if hook is None:
-        return None, None
-    try:
-        return hook(world_size, device.type), None
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        return None, f"memory: no prediction ({type(exc).__name__}: {exc})"
+    if rank == 0 and hook is not None:
+        try:
+            predicted = hook(world_size, device.type)
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            why_not = f"memory: no prediction ({type(exc).__name__}: {exc})"
+    blockers = {
+        "a resumed start": resumed_from is not None,
+        "model.compile": cfg.model.compile,
+        "training.profile": cfg.training.profile.enabled,
+    }
+    calibration = MemoryCalibration(
+        predicted,
+        device,
+        cfg.training.measure_memory and rank == 0,
+        cpu_method="tensors" if cfg.distributed.zero_stage == 3 and world_size > 1 else "allocator",
+        cpu_blocker=next((name for name, present in blockers.items() if present), None),
+    )
+    return calibration, why_not or calibration.describe_prediction()
