@@ -127,13 +127,19 @@ def _pretrain(launch: LaunchEnv, data: dict[str, Path], run: Path, *overrides: s
     return run
 
 
-def _assert_backbone_loaded(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Every backbone key of the model came from ``weights``, value for value, and nothing else did."""
-    state = model.state_dict()
-    backbone = {k for k in state if not k.startswith("head.")}
-    assert backbone == set(weights)
-    for key in backbone:
-        assert torch.equal(state[key], weights[key].to(state[key].dtype)), key
+def _finetune_from(cfg: object, launch: LaunchEnv, weights: dict[str, torch.Tensor]) -> None:
+    """Build a fine-tune trainer, check that every backbone key of its model came from ``weights`` value for value
+    (and nothing else did), then run it to its end."""
+    trainer = Trainer(cfg, launch, FinetuneTask(cfg))
+    try:
+        state = trainer.engine.module.state_dict()
+        backbone = {k for k in state if not k.startswith("head.")}
+        assert backbone == set(weights)
+        for key in backbone:
+            assert torch.equal(state[key], weights[key].to(state[key].dtype)), key
+        assert trainer.train() == 0
+    finally:
+        trainer.close()
 
 
 def test_finetune_trains_on_labelled_shards_from_an_hf_directory(
@@ -159,12 +165,7 @@ def test_finetune_trains_on_labelled_shards_from_an_hf_directory(
         f"finetune.init={hf_dir}",
         "training.max_steps=2",
     )
-    trainer = Trainer(cfg, launch, FinetuneTask(cfg))
-    try:
-        _assert_backbone_loaded(trainer.engine.module, source.weights)
-        assert trainer.train() == 0
-    finally:
-        trainer.close()
+    _finetune_from(cfg, launch, source.weights)
     records = read_records(run_dir)
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     final = [r for r in records if "eval/top1" in r][-1]
@@ -181,12 +182,7 @@ def test_huge_style_extra_norms_pretrain_then_finetune_strictly(
     extra_norms = sorted(k for k in source.weights if ".extra_norm." in k)
     assert extra_norms == [f"layers.2.blocks.{i}.extra_norm.{p}" for i in (0, 1) for p in ("bias", "weight")]
     cfg = finetune_cfg(data, tmp_path / "ft", *extra, f"finetune.init={run}", "training.max_steps=1")
-    trainer = Trainer(cfg, launch, FinetuneTask(cfg))
-    try:
-        _assert_backbone_loaded(trainer.engine.module, source.weights)
-        assert trainer.train() == 0
-    finally:
-        trainer.close()
+    _finetune_from(cfg, launch, source.weights)
 
 
 def test_layer_decay_groups_follow_the_official_ids_and_scales(data: dict[str, Path], tmp_path: Path) -> None:
