@@ -56,3 +56,25 @@ def interleaved_seconds_per_step(
         for name, step in variants.items():
             best[name] = min(best[name], seconds_per_step(step, steps, device, warmup=0))
     return best, first
+
+
+def rows_against_timm(
+    variants: dict[str, Callable[[], None]],
+    *,
+    batch: int,
+    steps: int,
+    repeats: int,
+    device: torch.device,
+    precision: str,
+) -> list[dict]:
+    """One row per variant other than ``timm`` (img/s, timm's img/s in the same rounds), timed by
+    :func:`interleaved_seconds_per_step`; the first step of ``ours-compiled`` (its compilation) is printed."""
+    best, first = interleaved_seconds_per_step(variants, steps, repeats, device)
+    if "ours-compiled" in first:
+        print(f"torch.compile of ours ({precision}): first step {first['ours-compiled']:.0f} s", flush=True)
+    ips = {name: batch / seconds for name, seconds in best.items()}
+    return [
+        {"precision": precision, "model": name, "img_s": ips[name], "timm_img_s": ips["timm"]}
+        for name in ips
+        if name != "timm"
+    ]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _timing import interleaved_seconds_per_step
+from _timing import rows_against_timm
 
 from pretrain.backbone import ModelConfig, backbone_kwargs
 from pretrain.finetune.config import AugmentConfig, FinetuneConfig
@@ -151,16 +151,13 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
             compiled, _ = _build_pair(cfg, args.classes, device)
             compile_blocks(compiled)
             steps["ours-compiled"] = _step_fn("ours", compiled, cfg, args, dtypes[precision])
-        best, first = interleaved_seconds_per_step(steps, args.steps, args.repeats, device)
-        if "ours-compiled" in first:
-            print(f"torch.compile of ours ({precision}): first step {first['ours-compiled']:.0f} s", flush=True)
-        ips = {name: args.batch / seconds for name, seconds in best.items()}
-        for name in [n for n in ips if n != "timm"]:
-            rows.append({"precision": precision, "model": name, "img_s": ips[name], "timm_img_s": ips["timm"]})
+        timing = {"batch": args.batch, "steps": args.steps, "repeats": args.repeats, "device": device}
+        for row in rows_against_timm(steps, **timing, precision=precision):
+            rows.append(row)
             print(
                 f"fine-tune step  SwinV2-{args.size[0].upper()} {args.img}/w{args.window} batch {args.batch} "
-                f"{precision:5s} {name:14s} {ips[name]:7.2f} img/s   timm {ips['timm']:7.2f} img/s   "
-                f"ratio {ips[name] / ips['timm']:.2f}x   (eval logits max diff {diff:.1e})",
+                f"{precision:5s} {row['model']:14s} {row['img_s']:7.2f} img/s   timm {row['timm_img_s']:7.2f} img/s   "
+                f"ratio {row['img_s'] / row['timm_img_s']:.2f}x   (eval logits max diff {diff:.1e})",
                 flush=True,
             )
     return rows

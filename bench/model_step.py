@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _timing import interleaved_seconds_per_step
+from _timing import rows_against_timm
 
 from swinv2 import compile_blocks, create_model, official_to_timm
 
@@ -75,16 +75,13 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict]:
             compiled, _ = _build_pair(args.img, args.window, device, args.attn_impl)
             compile_blocks(compiled)
             steps["ours-compiled"] = _step_fn(compiled, args.batch, args.img, device, dtype)
-        best, first = interleaved_seconds_per_step(steps, args.steps, args.repeats, device)
-        if "ours-compiled" in first:
-            print(f"torch.compile of ours ({precision}): first step {first['ours-compiled']:.0f} s", flush=True)
-        ips = {name: args.batch / t for name, t in best.items()}
-        for name in [n for n in ips if n != "timm"]:
-            rows.append({"precision": precision, "model": name, "img_s": ips[name], "timm_img_s": ips["timm"]})
+        timing = {"batch": args.batch, "steps": args.steps, "repeats": args.repeats, "device": device}
+        for row in rows_against_timm(steps, **timing, precision=precision):
+            rows.append(row)
             print(
                 f"train step  SwinV2-T {args.img}/w{args.window} batch {args.batch} {precision:14s} "
-                f"{name:14s} {ips[name]:7.2f} img/s   timm {ips['timm']:7.2f} img/s   "
-                f"ratio {ips[name] / ips['timm']:.2f}x",
+                f"{row['model']:14s} {row['img_s']:7.2f} img/s   timm {row['timm_img_s']:7.2f} img/s   "
+                f"ratio {row['img_s'] / row['timm_img_s']:.2f}x",
                 flush=True,
             )
     return rows
