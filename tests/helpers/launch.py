@@ -48,8 +48,8 @@ def rank_env(rank: int, world: int, port: int, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_ranks(args: list[str], world: int, log_dir: Path) -> list[subprocess.Popen]:
-    """Start ``python -m pretrain ARGS`` as ``world`` ranks; output of rank r goes to log_dir/rank{r}.log."""
+def start_ranks(args: list[str], world: int, log_dir: Path, module: str = "pretrain") -> list[subprocess.Popen]:
+    """Start ``python -m MODULE ARGS`` as ``world`` ranks; output of rank r goes to log_dir/rank{r}.log."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -57,7 +57,7 @@ def start_ranks(args: list[str], world: int, log_dir: Path) -> list[subprocess.P
         out = open(log_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - owned by the process
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "pretrain", *args],
+                [sys.executable, "-m", module, *args],
                 cwd=REPO,
                 env=rank_env(rank, world, port),
                 stdout=out,
@@ -67,8 +67,9 @@ def start_ranks(args: list[str], world: int, log_dir: Path) -> list[subprocess.P
     return procs
 
 
-def run_ranks(args: list[str], world: int, log_dir: Path, timeout: float = 600) -> list[int]:
-    procs = start_ranks(args, world, log_dir)
+def run_ranks(args: list[str], world: int, log_dir: Path, timeout: float = 600, module: str = "pretrain") -> list[int]:
+    """:func:`start_ranks`, then wait for every rank (all killed if one outlives ``timeout``); their exit codes."""
+    procs = start_ranks(args, world, log_dir, module)
     codes = []
     for proc in procs:
         try:

@@ -9,19 +9,18 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.launch import (
-    REPO,
-    free_port,
+    log_text,
     losses,
     make_image_folder,
-    rank_env,
     read_records,
+    run_ranks,
+    start_ranks,
     tiny_finetune_overrides,
     tiny_overrides,
 )
@@ -31,15 +30,8 @@ pytestmark = pytest.mark.slow
 
 def _run(module: str, args: list[str], log_dir: Path, world: int = 2) -> list[str]:
     """``python -m MODULE ARGS`` as ``world`` ranks; returns each rank's output (asserting exit code 0)."""
-    port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for rank in range(world):
-        out = open(log_dir / f"{module}.rank{rank}.log", "w")  # noqa: SIM115 - owned by the process
-        cmd = [sys.executable, "-m", module, *args]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env(rank, world, port), stdout=out, stderr=out))
-    codes = [p.wait(timeout=300) for p in procs]
-    texts = [(log_dir / f"{module}.rank{r}.log").read_text() for r in range(world)]
+    codes = run_ranks(args, world, log_dir, timeout=300, module=module)
+    texts = [log_text(log_dir, rank) for rank in range(world)]
     assert codes == [0] * world, texts[0][-3000:]
     return texts
 
@@ -116,15 +108,9 @@ def _finetune_args(run_dir: Path, train: Path, val: Path, **extra: object) -> li
     return tiny_finetune_overrides(run_dir, train, val, **{**recipe, **extra})
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pretrain.finetune", *args],
-            cwd=REPO,
-            env=rank_env(0, 1, free_port()),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+def _start(args: list[str], log_dir: Path) -> subprocess.Popen:
+    """One rank of ``python -m pretrain.finetune ARGS``, its output in log_dir/rank0.log."""
+    return start_ranks(args, 1, log_dir, module="pretrain.finetune")[0]
 
 
 def test_preempted_finetune_saves_exits_75_and_resumes_exactly(tmp_path: Path) -> None:
@@ -135,9 +121,10 @@ def test_preempted_finetune_saves_exits_75_and_resumes_exactly(tmp_path: Path) -
     end = 16
     # The uninterrupted reference runs beside the preempted run (start-up is most of the time of both).
     straight_dir = tmp_path / "straight"
-    straight = _start(_finetune_args(straight_dir, train, val, **{"training.max_steps": end}), tmp_path / "s.log")
-    run_dir, log = tmp_path / "preempted", tmp_path / "preempted.log"
-    proc = _start(_finetune_args(run_dir, train, val), log)
+    straight = _start(_finetune_args(straight_dir, train, val, **{"training.max_steps": end}), tmp_path / "s")
+    run_dir, logs = tmp_path / "preempted", tmp_path / "p"
+    proc = _start(_finetune_args(run_dir, train, val), logs)
+    log = logs / "rank0.log"
     try:
         deadline = time.time() + 180
         while "step=2/" not in log.read_text() and time.time() < deadline:
@@ -145,7 +132,7 @@ def test_preempted_finetune_saves_exits_75_and_resumes_exactly(tmp_path: Path) -
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 75, log.read_text()[-3000:]
-        assert straight.wait(timeout=180) == 0, (tmp_path / "s.log").read_text()[-3000:]
+        assert straight.wait(timeout=180) == 0, log_text(tmp_path / "s")[-3000:]
     finally:
         for p in (proc, straight):
             if p.poll() is None:
@@ -157,9 +144,9 @@ def test_preempted_finetune_saves_exits_75_and_resumes_exactly(tmp_path: Path) -
     stop = saved[0]
     assert max(losses(run_dir)) == stop  # nothing was trained past the saved step
 
-    resumed = _start(_finetune_args(run_dir, train, val, **{"training.max_steps": end}), tmp_path / "r.log")
-    assert resumed.wait(timeout=180) == 0, (tmp_path / "r.log").read_text()[-3000:]
-    resumed_text = (tmp_path / "r.log").read_text()
+    resumed = _start(_finetune_args(run_dir, train, val, **{"training.max_steps": end}), tmp_path / "r")
+    assert resumed.wait(timeout=180) == 0, log_text(tmp_path / "r")[-3000:]
+    resumed_text = log_text(tmp_path / "r")
     assert "resumed from" in resumed_text and f"at step={stop} " in resumed_text, resumed_text[-3000:]
 
     reference, continued = losses(straight_dir), losses(run_dir)
