@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
+from .devices import GIB
 from .memory import MemoryEstimate
-from .tracker import PeakTracker, track_peak
+from .tracker import PeakTracker, profiler_active, track_peak
 
 __all__ = ["MemoryCalibration", "calibration_for_run"]
 
-GIB = 2**30
 _MARK = "step1"
 
 
@@ -75,7 +75,7 @@ class MemoryCalibration:
         """Just before the engine is built: start the CPU tracker."""
         if not (self.enabled and self.device.type == "cpu" and self.cpu_blocker is None):
             return
-        if self.cpu_method == "allocator" and torch.autograd.profiler._is_profiler_enabled:
+        if self.cpu_method == "allocator" and profiler_active():
             # One profiler per process: another trainer of this process, or the caller's own, is recording.
             self.cpu_blocker = "another torch.profiler is recording in this process"
             return

@@ -19,7 +19,7 @@ from typing import Any
 from ..checks import ConfigError
 from ..config import PretrainConfig, load_config
 from ..entry import add_common_arguments, config_from_arguments
-from .devices import DEFAULT_MARGIN, Device, device_from_memory, lookup_device
+from .devices import DEFAULT_MARGIN, GIB, Device, device_from_memory, lookup_device
 from .search import Estimator, search
 from .throughput import (
     DEFAULT_MFU,
@@ -39,7 +39,6 @@ __all__ = ["Setup", "build_parser", "check_arguments", "main", "make_plan", "pla
 
 # Ranks per node when --nodes is not given: the 8-GPU HGX/DGX node (it only matters for offload's shared host).
 DEFAULT_GPUS_PER_NODE = 8
-GIB = 1 << 30
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["METHODS", "PeakTracker", "peak_of_events", "track_peak"]
+__all__ = ["METHODS", "PeakTracker", "peak_of_events", "profiler_active", "track_peak"]
 
 _MEMORY_EVENT = "[memory]"
 _MARK = "track_peak::"
@@ -101,7 +101,8 @@ def peak_of_events(sizes: list[int]) -> tuple[int, int]:
     return peak, live
 
 
-def _profiler_active() -> bool:
+def profiler_active() -> bool:
+    """Whether a torch.profiler window records in this process (the CPU tracker's allocator method needs its own)."""
     return bool(torch.autograd.profiler._is_profiler_enabled)
 
 
@@ -110,7 +111,7 @@ def _track_cpu(tracker: PeakTracker) -> Iterator[PeakTracker]:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    if _profiler_active():
+    if profiler_active():
         raise RuntimeError(
             "track_peak(cpu) needs torch.profiler, and another profiler window is active (training.profile?); "
             "measure outside the profiled steps"

@@ -101,7 +101,7 @@ class TaskHooks(Protocol):
 
     def predict_memory(self, world_size: int, device_type: str) -> Any:
         """The planner's :class:`pretrain.plan.MemoryEstimate` of one rank's peak memory for this config, logged at
-        start against the peak measured after the first step (:mod:`pretrain.plan.calibration`)."""
+        start against the peak measured in the second step (:mod:`pretrain.plan.calibration`)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
